@@ -1,0 +1,55 @@
+"""Batched normalisation and augmentation on the model's device (no per-image Python).
+
+Images stay uint8 N×H×W×C on the device; each batch is turned into normalised float N×C×H×W,
+and for training randomly cropped (zero padding 4, as torchvision's RandomCrop(padding=4))
+and horizontally flipped, all as tensor ops over the batch.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class BatchTransform:
+    def __init__(self, mean, std, hflip: bool, device, pad: int = 4, channels_last: bool = False):
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.hflip = hflip
+        self.pad = pad
+        self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N×H×W×C -> normalised float N×C×H×W."""
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """Random crop with zero padding and random horizontal flip, then normalise."""
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        n, _, h, w = x.shape
+        if self.pad:
+            # Pad in pixel space (zeros = black), as torchvision does before normalising.
+            padded = torch.nn.functional.pad(x, (self.pad,) * 4)
+            dy = torch.randint(0, 2 * self.pad + 1, (n, 1, 1), device=x.device)
+            dx = torch.randint(0, 2 * self.pad + 1, (n, 1, 1), device=x.device)
+            rows = (torch.arange(h, device=x.device).view(1, h, 1) + dy).expand(n, h, w)
+            cols = (torch.arange(w, device=x.device).view(1, 1, w) + dx).expand(n, h, w)
+            batch = torch.arange(n, device=x.device).view(n, 1, 1).expand(n, h, w)
+            x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+        if self.hflip:
+            flip = torch.rand(n, device=x.device) < 0.5
+            x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+
+def epoch_batches(num: int, batch_size: int, device, generator: torch.Generator | None = None, shuffle: bool = True):
+    """Index batches for one pass over ``num`` items (the last batch may be smaller, as DataLoader's)."""
+    order = torch.randperm(num, generator=generator) if shuffle else torch.arange(num)
+    order = order.to(device)
+    return list(order.split(batch_size))
+
+
+def sampled_batches(num: int, batch_size: int, num_batches: int, device, generator: torch.Generator | None = None):
+    """``num_batches`` batches drawn with replacement (ANP's RandomSampler(replacement=True))."""
+    idx = torch.randint(0, num, (num_batches, batch_size), generator=generator)
+    return list(idx.to(device).unbind(0))

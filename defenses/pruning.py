@@ -1,0 +1,221 @@
+"""Pruning by mask values (ANP's stage 3; RNP's phase 3 uses the same code).
+
+Pruning a neuron sets its BatchNorm weight (gamma) to 0 in the original backdoored model; the
+bias stays. ``mask_values.txt`` and ``pruning_by_<mode>.txt`` follow the original tools' layout.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from utils.checkpoint import atomic_write_text
+from utils.errors import UserError
+
+MASK_HEADER = "No \t Layer Name \t Neuron Idx \t Mask Score \n"
+PRUNING_HEADER = "No \t Layer Name \t Neuron Idx \t Mask \t PoisonLoss \t PoisonACC \t CleanLoss \t CleanACC"
+PRUNING_MODES = ("threshold", "number")
+
+
+def format_mask_values(values: list[tuple[str, int, float]]) -> str:
+    lines = [MASK_HEADER] + [f"{i} \t {layer} \t {idx} \t {value:.4f} \n" for i, (layer, idx, value) in enumerate(values)]
+    return "".join(lines)
+
+
+def write_mask_values(values: list[tuple[str, int, float]], path: str) -> None:
+    atomic_write_text(format_mask_values(values), path)
+
+
+def read_mask_values(path: str, argument: str = "--mask-file") -> list[tuple[str, int, float]]:
+    """Parse a mask file (split on any whitespace, header skipped) into ``(layer, idx, value)``."""
+    if not os.path.isfile(path):
+        raise UserError(f"{argument}: mask file {path} does not exist")
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{argument}: cannot read {path} ({err})") from None
+    values = []
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) != 4:
+                raise ValueError
+            values.append((fields[1], int(fields[2]), float(fields[3])))
+        except ValueError:
+            raise UserError(f"{argument}: {path} line {number} is not 'No Layer Idx Mask': {line.strip()[:80]!r}") from None
+    if not values:
+        raise UserError(f"{argument}: {path} holds no mask values")
+    return values
+
+
+def check_mask_values_fit(model: torch.nn.Module, values, argument: str = "--mask-file") -> None:
+    """Every named layer must be a BatchNorm of the model with that channel."""
+    modules = dict(model.named_modules())
+    for layer, idx, _ in values:
+        module = modules.get(layer)
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm) or weight is None or idx >= weight.numel():
+            raise UserError(f"{argument}: neuron {layer}[{idx}] is not a BatchNorm channel of this model "
+                            f"(check --arch and --width)")
+
+
+def prune_neuron(model: torch.nn.Module, layer: str, idx: int) -> None:
+    with torch.no_grad():
+        model.get_submodule(layer).weight[int(idx)] = 0.0
+
+
+def sort_by_mask(values):
+    """Ascending by mask value; ties keep file order (Python's stable sort, as the original)."""
+    return sorted(values, key=lambda v: float(v[2]))
+
+
+@dataclass
+class PruningRow:
+    pruned: int
+    layer: str
+    idx: int
+    value: float  # the threshold (by threshold) or the last pruned neuron's mask value (by number)
+    metrics: dict  # clean_loss, clean_acc, poison_loss, asr, ra
+
+    def line(self, mode: str) -> str:
+        m = self.metrics
+        first = f"{self.pruned:.2f}" if mode == "threshold" else f"{self.pruned}"
+        return (f"{first} \t {self.layer} \t {self.idx} \t {self.value} \t {m['poison_loss']:.4f} \t "
+                f"{m['asr']:.4f} \t {m['clean_loss']:.4f} \t {m['clean_acc']:.4f}")
+
+
+def threshold_grid(pruning_max: float, pruning_step: float) -> list[float]:
+    """The original's ``np.arange(0, max + step, step)``, printed as Python prints the float."""
+    return [float(t) for t in np.arange(0, pruning_max + pruning_step, pruning_step)]
+
+
+def prune_sweep(model: torch.nn.Module, values, mode: str, pruning_max: float, pruning_step: float,
+                evaluate: Callable[[torch.nn.Module], dict],
+                on_row: Callable[[PruningRow], None] | None = None) -> list[PruningRow]:
+    """Prune ``model`` cumulatively and evaluate after each step; returns the rows.
+
+    By threshold: for t in 0, step, …, max prune every neuron with mask ≤ t. The layer/index
+    columns name the neuron at the pruning boundary, as the original writes them.
+    By number: prune ``ceil(step)`` more neurons at a time, up to ``ceil(max)``.
+    """
+    if mode not in PRUNING_MODES:
+        raise UserError(f"--pruning-by: expected one of {PRUNING_MODES}, got {mode!r}")
+    values = sort_by_mask(values)
+    rows = []
+    if mode == "threshold":
+        start = 0
+        for threshold in threshold_grid(pruning_max, pruning_step):
+            while start < len(values) and values[start][2] <= threshold:
+                prune_neuron(model, values[start][0], values[start][1])
+                start += 1
+            layer, idx, _ = values[min(start, len(values) - 1)]
+            row = PruningRow(start, layer, idx, threshold, evaluate(model))
+            rows.append(row)
+            if on_row:
+                on_row(row)
+    else:
+        nb_max, nb_step = int(np.ceil(pruning_max)), max(int(np.ceil(pruning_step)), 1)
+        pruned = 0
+        while pruned < min(nb_max, len(values)):
+            for layer, idx, _ in values[pruned:min(pruned + nb_step, len(values))]:
+                prune_neuron(model, layer, idx)
+            pruned = min(pruned + nb_step, len(values))
+            layer, idx, value = values[pruned - 1]
+            row = PruningRow(pruned, layer, idx, value, evaluate(model))
+            rows.append(row)
+            if on_row:
+                on_row(row)
+    return rows
+
+
+def prune_to_threshold(model: torch.nn.Module, values, threshold: float) -> int:
+    """Prune every neuron whose mask ≤ ``threshold``; returns how many."""
+    chosen = [v for v in values if v[2] <= threshold]
+    for layer, idx, _ in chosen:
+        prune_neuron(model, layer, idx)
+    return len(chosen)
+
+
+def write_pruning_file(rows: list[PruningRow], mode: str, path: str) -> None:
+    atomic_write_text("\n".join([PRUNING_HEADER] + [r.line(mode) for r in rows]) + "\n", path)
+
+
+def read_pruning_file(path: str) -> list[list[str]]:
+    with open(path) as f:
+        lines = f.read().splitlines()
+    return [line.split() for line in lines[1:] if line.strip()]
+
+
+def plot_pruning_curve(rows: list[PruningRow], mode: str, path: str, before: dict | None = None,
+                       operating_point: float | None = None, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r.value if mode == "threshold" else r.pruned for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, [r.metrics["clean_acc"] for r in rows], "o-", label="ACC (clean test)")
+    ax.plot(xs, [r.metrics["asr"] for r in rows], "s-", label="ASR (poisoned test)")
+    ax.plot(xs, [r.metrics["ra"] for r in rows], "^-", label="RA (poisoned test)", alpha=0.7)
+    if before is not None:
+        ax.axhline(before["clean_acc"], color="C0", ls=":", lw=1, label="ACC before")
+        ax.axhline(before["asr"], color="C1", ls=":", lw=1, label="ASR before")
+    if operating_point is not None and mode == "threshold":
+        ax.axvline(operating_point, color="grey", ls="--", lw=1, label=f"operating point {operating_point}")
+    ax.set_xlabel("pruning threshold (mask value)" if mode == "threshold" else "neurons pruned")
+    ax.set_ylabel("rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".part.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def prune_and_report(load_original: Callable[[], torch.nn.Module], values, *, mode: str, pruning_max: float,
+                     pruning_step: float, save_threshold: float, evaluate: Callable[[torch.nn.Module], dict],
+                     output_dir: str, log: Callable[[str], None], title: str = "") -> dict:
+    """The whole pruning stage: sweep, ``pruning_by_<mode>.txt``, the operating point's
+    ``pruned_model.th``, the curve as PNG. Returns the ``before``/``operating_point``/``rows`` metrics.
+
+    ``load_original()`` returns a fresh copy of the backdoored model each call. The operating
+    point is the fixed ``save_threshold`` (0.2 as in the papers' tables), never chosen on the
+    poisoned test set.
+    """
+    from utils.checkpoint import atomic_save, plain_state_dict
+
+    model = load_original()
+    check_mask_values_fit(model, values)
+    before = evaluate(model)
+    log(PRUNING_HEADER)
+    log(f"0 \t None \t None \t {before['poison_loss']:.4f} \t {before['asr']:.4f} \t "
+        f"{before['clean_loss']:.4f} \t {before['clean_acc']:.4f}")
+    rows = prune_sweep(model, values, mode, pruning_max, pruning_step, evaluate,
+                       on_row=lambda row: log(row.line(mode)))
+    write_pruning_file(rows, mode, os.path.join(output_dir, f"pruning_by_{mode}.txt"))
+
+    purified = load_original()
+    pruned = prune_to_threshold(purified, values, save_threshold)
+    after = evaluate(purified)
+    atomic_save(plain_state_dict(purified), os.path.join(output_dir, "pruned_model.th"))
+    log(f"operating point: threshold {save_threshold}, {pruned} neurons pruned: ACC {after['clean_acc']:.4f} "
+        f"ASR {after['asr']:.4f} RA {after['ra']:.4f} (before: ACC {before['clean_acc']:.4f} "
+        f"ASR {before['asr']:.4f} RA {before['ra']:.4f})")
+    plot_pruning_curve(rows, mode, os.path.join(output_dir, f"pruning_by_{mode}.png"), before,
+                       save_threshold, title)
+    summary = lambda m: {k: m[k] for k in ("clean_acc", "asr", "ra", "clean_loss", "poison_loss")}  # noqa: E731
+    return {
+        "before": summary(before),
+        "operating_point": {**summary(after), "threshold": save_threshold, "neurons_pruned": pruned,
+                            "neurons_total": len(values)},
+        "rows": [{"pruned": r.pruned, "layer": r.layer, "neuron": r.idx, "value": r.value, **summary(r.metrics)}
+                 for r in rows],
+    }

@@ -1,0 +1,95 @@
+"""What every defense stage needs: the model's data transform, the defender's clean data, the
+test sets, and the attack (from ``trigger_info.th`` or from command-line options)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from data import (BatchTransform, DatasetSpec, attack_from_record, build_attack, defense_indices, get_spec,
+                  load_dataset, poisoned_test_set, split_permutation)
+from data.attacks import Attack
+from data.trigger_info import load_trigger_info
+from utils.device import Runtime
+from utils.errors import UserError
+from utils.evaluation import EvalSets
+
+
+@dataclass
+class DefenseData:
+    spec: DatasetSpec
+    transform: BatchTransform
+    defense_images: torch.Tensor  # uint8, on the device: the defender's clean data
+    defense_labels: torch.Tensor
+    eval_sets: EvalSets  # for reporting only; never used to choose anything
+    attack: Attack
+    trigger_info: dict | None
+
+
+def make_eval_sets(test_images: torch.Tensor, test_labels: torch.Tensor, attack: Attack, device) -> EvalSets:
+    poison_images, poison_targets, poison_true = poisoned_test_set(test_images, test_labels, attack)
+    return EvalSets(test_images.to(device), test_labels.to(device), poison_images.to(device),
+                    poison_targets.to(device), poison_true.to(device))
+
+
+def resolve_dataset_name(requested: str | None, trigger_info: dict | None) -> str:
+    recorded = trigger_info.get("dataset") if trigger_info else None
+    requested = get_spec(requested).name if requested else None
+    if requested and recorded and requested != recorded:
+        raise UserError(f"--dataset: {requested!r} differs from the trigger info's dataset {recorded!r}")
+    return requested or recorded or "cifar10"
+
+
+def prepare_defense_data(*, dataset: str | None, data_dir: str, trigger_info_path: str | None, val_frac: float,
+                         seed: int, runtime: Runtime, poison_type: str, poison_target: int,
+                         trigger_alpha: float | None = None, trigger_type: str | None = None,
+                         target_type: str = "all2one", log=print) -> DefenseData:
+    """Load the dataset, the held-out defense split and the poisoned test set for a defense stage."""
+    trigger_info = load_trigger_info(trigger_info_path) if trigger_info_path else None
+    spec = get_spec(resolve_dataset_name(dataset, trigger_info))
+    data = load_dataset(spec.name, data_dir)
+    if trigger_info is not None:
+        attack = attack_from_record(trigger_info)
+        permutation = trigger_info.get("split_permutation")
+        if permutation is None:
+            log(f"trigger info has no recorded split: the held-out clean split is drawn with --seed {seed}")
+            permutation = split_permutation(len(data.train_labels), seed)
+        attack.num_classes = spec.num_classes
+    else:
+        if not 0 <= poison_target < spec.num_classes:
+            raise UserError(f"--poison-target: {poison_target} is outside the class range 0..{spec.num_classes - 1}")
+        attack = build_attack(poison_type, poison_target, spec.num_classes, spec.image_shape, alpha=trigger_alpha,
+                              trigger_type=trigger_type, target_type=target_type)
+        log(f"no trigger info given: attack {poison_type} rebuilt from the options; held-out split from --seed {seed}")
+        permutation = split_permutation(len(data.train_labels), seed)
+    permutation = torch.as_tensor(permutation).long()
+    if len(permutation) != len(data.train_labels):
+        raise UserError(f"--trigger-info: its split covers {len(permutation)} images, the dataset has "
+                        f"{len(data.train_labels)}; was it made for another dataset?")
+    if not 0.0 < val_frac <= 0.1:
+        raise UserError(f"--val-frac/--ratio: {val_frac} must be in (0, 0.1], the held-out clean part of the training set")
+    indices = defense_indices(permutation, val_frac)
+    transform = BatchTransform(spec.mean, spec.std, spec.hflip, runtime.device, channels_last=runtime.channels_last)
+    return DefenseData(
+        spec=spec, transform=transform,
+        defense_images=data.train_images[indices].to(runtime.device),
+        defense_labels=data.train_labels[indices].to(runtime.device),
+        eval_sets=make_eval_sets(data.test_images, data.test_labels, attack, runtime.device),
+        attack=attack, trigger_info=trigger_info)
+
+
+def make_model(arch: str, spec: DatasetSpec, width: int, masked: bool, runtime: Runtime) -> torch.nn.Module:
+    """The registry's ``arch`` for ``spec``'s classes and channels, on the runtime's device."""
+    from models import create_model
+
+    if width <= 0:
+        raise UserError(f"--width: expected a positive channel count, got {width}")
+    try:
+        model = create_model(arch, spec.num_classes, spec.image_shape[2], width, masked=masked)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return runtime.prepare(model)
+
+
+def model_description(arch: str, width: int, spec: DatasetSpec) -> str:
+    return f"--arch {arch} --width {width} with {spec.num_classes} classes and {spec.image_shape[2]} input channels"

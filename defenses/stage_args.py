@@ -1,0 +1,18 @@
+"""Attack flags shared by the defense scripts (used when no trigger info is given)."""
+from __future__ import annotations
+
+from data import ATTACKS
+from utils.errors import UserError
+
+
+def add_attack_args(parser) -> None:
+    parser.add_argument("--trigger-info", default="", help="trigger_info.th written by train_backdoor_cifar.py "
+                        "(then nothing else about the attack needs to be given)")
+    parser.add_argument("--poison-type", default="badnets", help=f"without --trigger-info: one of {', '.join(ATTACKS)}")
+    parser.add_argument("--poison-target", type=int, default=0, help="without --trigger-info: the target class")
+    parser.add_argument("--trigger-alpha", type=float, default=1.0, help="without --trigger-info: trigger opacity")
+
+
+def check_attack_args(args) -> None:
+    if not args.trigger_info and args.poison_type not in ATTACKS:
+        raise UserError(f"--poison-type: unknown attack {args.poison_type!r}; expected one of {', '.join(ATTACKS)}")

@@ -1,0 +1,97 @@
+"""Stage 2 of ANP: optimise the neuron masks of a backdoored model on 1% clean data.
+
+Writes mask_values.txt (the original's format), output.log and metrics.json to --output-dir.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from defenses.anp import ANPConfig, mask_values, optimize_masks
+from defenses.pruning import write_mask_values
+from defenses.setup import make_model, model_description, prepare_defense_data
+from defenses.stage_args import add_attack_args, check_attack_args
+from utils.checkpoint import load_model_checkpoint
+from utils.cli import add_common_args, check_positive, check_range
+from utils.device import make_runtime, seed_everything
+from utils.errors import ArgumentParser, UserError, run_cli
+from utils.evaluation import backdoor_metrics
+from utils.run_log import RunLog, Timer, run_metadata, write_metrics
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="ANP stage 2: adversarial neuron mask optimisation.")
+    add_common_args(p, dataset_default=None)
+    p.add_argument("--checkpoint", "--checkpoints", dest="checkpoint", required=True,
+                   help="the backdoored model (state_dict; RNP .tar and DataParallel wrappers accepted)")
+    p.add_argument("--output-dir", default="logs/")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.2, help="mask learning rate (SGD, momentum 0.9)")
+    p.add_argument("--nb-iter", type=int, default=2000, help="number of mask-update iterations")
+    p.add_argument("--print-every", type=int, default=500)
+    p.add_argument("--val-frac", type=float, default=0.01, help="defense data as a fraction of the training set")
+    p.add_argument("--anp-eps", type=float, default=0.4)
+    p.add_argument("--anp-steps", type=int, default=1)
+    p.add_argument("--anp-alpha", type=float, default=0.2)
+    p.add_argument("--bn-mode", default="train", choices=["train", "eval"],
+                   help="BatchNorm during optimisation: train (original, batch statistics) or eval")
+    p.add_argument("--project-noise", action="store_true",
+                   help="clip the perturbation back into [-eps, eps] after its step (the original does not)")
+    add_attack_args(p)
+    return p.parse_args(argv)
+
+
+def main(args) -> dict:
+    check_attack_args(args)
+    check_range(args.anp_alpha, 0.0, 1.0, "--anp-alpha")
+    check_positive(args.nb_iter, "--nb-iter")
+    check_positive(args.print_every, "--print-every")
+    if args.anp_eps < 0:
+        raise UserError(f"--anp-eps: expected a non-negative number, got {args.anp_eps}")
+    runtime = make_runtime(args.device, args.amp)
+    seed_everything(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    log = RunLog(args.output_dir)
+    log(f"# {run_metadata(args, runtime)['command']}")
+    data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
+                                val_frac=args.val_frac, seed=args.seed, runtime=runtime, poison_type=args.poison_type,
+                                poison_target=args.poison_target, trigger_alpha=args.trigger_alpha, log=log)
+    model = make_model(args.arch, data.spec, args.width, masked=True, runtime=runtime)
+    load_model_checkpoint(model, args.checkpoint, model_description(args.arch, args.width, data.spec))
+
+    def evaluate(m):
+        return backdoor_metrics(m, data.eval_sets, data.transform.normalize, autocast=runtime.autocast)
+
+    before = evaluate(model)
+    log(f"{data.spec.name}, {len(data.defense_labels)} clean defense images; before: ACC {before['clean_acc']:.4f} "
+        f"ASR {before['asr']:.4f} RA {before['ra']:.4f}")
+    log("Iter \t lr \t Time \t TrainLoss \t TrainACC \t PoisonLoss \t PoisonACC \t CleanLoss \t CleanACC")
+    timer, reports = Timer(), []
+
+    def report(iteration: int, stats: dict) -> None:
+        m = evaluate(model)
+        reports.append({"iteration": iteration, "seconds": timer(), **stats, **m})
+        log(f"{iteration} \t {args.lr:.3f} \t {timer():.1f} \t {stats['train_loss']:.4f} \t {stats['train_acc']:.4f} \t "
+            f"{m['poison_loss']:.4f} \t {m['asr']:.4f} \t {m['clean_loss']:.4f} \t {m['clean_acc']:.4f}")
+
+    config = ANPConfig(nb_iter=args.nb_iter, batch_size=args.batch_size, lr=args.lr, anp_eps=args.anp_eps,
+                       anp_steps=args.anp_steps, anp_alpha=args.anp_alpha, print_every=args.print_every,
+                       bn_mode=args.bn_mode, project_noise=args.project_noise)
+    generator = torch.Generator().manual_seed(args.seed)
+    optimize_masks(model, data.defense_images, data.defense_labels, data.transform.augment, config,
+                   runtime.autocast, report, generator, args.progress)
+    mask_file = os.path.join(args.output_dir, "mask_values.txt")
+    values = mask_values(model)
+    write_mask_values(values, mask_file)
+    low = sum(v <= 0.2 for _, _, v in values)
+    log(f"wrote {mask_file}: {len(values)} neurons, {low} with mask <= 0.2 ({timer():.0f} s)")
+    metrics = {**run_metadata(args, runtime), "before": before, "reports": reports,
+               "neurons": len(values), "neurons_mask_le_0.2": low, "timings": {"optimize_seconds": timer()}}
+    write_metrics(os.path.join(args.output_dir, "metrics.json"), metrics)
+    log.close()
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args())

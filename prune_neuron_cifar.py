@@ -1,0 +1,70 @@
+"""Stage 3 of ANP: prune the backdoored model by its mask values and report the sweep.
+
+Writes pruning_by_<mode>.txt (the original's format), pruned_model.th at --save-threshold,
+pruning_by_<mode>.png, output.log and metrics.json to --output-dir.
+"""
+from __future__ import annotations
+
+import os
+
+from defenses.pruning import PRUNING_MODES, prune_and_report, read_mask_values
+from defenses.setup import make_model, model_description, prepare_defense_data
+from defenses.stage_args import add_attack_args, check_attack_args
+from utils.checkpoint import load_model_checkpoint
+from utils.cli import add_common_args, check_positive
+from utils.device import make_runtime, seed_everything
+from utils.errors import ArgumentParser, run_cli
+from utils.evaluation import backdoor_metrics
+from utils.run_log import RunLog, Timer, run_metadata, write_metrics
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="ANP stage 3: prune neurons by mask value.")
+    add_common_args(p, dataset_default=None)
+    p.add_argument("--checkpoint", "--checkpoints", dest="checkpoint", required=True, help="the backdoored model")
+    p.add_argument("--mask-file", required=True, help="mask_values.txt from optimize_mask_cifar.py or rnp_main.py")
+    p.add_argument("--output-dir", default="logs/")
+    p.add_argument("--pruning-by", default="threshold", choices=PRUNING_MODES)
+    p.add_argument("--pruning-max", type=float, default=0.90, help="largest threshold (or number of neurons)")
+    p.add_argument("--pruning-step", type=float, default=0.05, help="threshold step (or neurons per step)")
+    p.add_argument("--save-threshold", type=float, default=0.2,
+                   help="operating point: the purified model prunes every neuron with mask <= this (fixed; "
+                        "never chosen on the poisoned test set)")
+    add_attack_args(p)
+    return p.parse_args(argv)
+
+
+def main(args) -> dict:
+    check_attack_args(args)
+    check_positive(args.pruning_step, "--pruning-step")
+    runtime = make_runtime(args.device, args.amp)
+    seed_everything(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    log = RunLog(args.output_dir)
+    log(f"# {run_metadata(args, runtime)['command']}")
+    values = read_mask_values(args.mask_file)
+    data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
+                                val_frac=0.01, seed=args.seed, runtime=runtime, poison_type=args.poison_type,
+                                poison_target=args.poison_target, trigger_alpha=args.trigger_alpha, log=log)
+    description = model_description(args.arch, args.width, data.spec)
+
+    def load_original():
+        model = make_model(args.arch, data.spec, args.width, masked=False, runtime=runtime)
+        load_model_checkpoint(model, args.checkpoint, description)
+        return model
+
+    def evaluate(model):
+        return backdoor_metrics(model, data.eval_sets, data.transform.normalize, autocast=runtime.autocast)
+
+    timer = Timer()
+    results = prune_and_report(load_original, values, mode=args.pruning_by, pruning_max=args.pruning_max,
+                               pruning_step=args.pruning_step, save_threshold=args.save_threshold, evaluate=evaluate,
+                               output_dir=args.output_dir, log=log, title=f"ANP pruning, {data.spec.name}")
+    metrics = {**run_metadata(args, runtime), **results, "timings": {"prune_seconds": timer()}}
+    write_metrics(os.path.join(args.output_dir, "metrics.json"), metrics)
+    log.close()
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args())

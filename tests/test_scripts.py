@@ -1,0 +1,169 @@
+"""End-to-end: every script on a tiny generated CIFAR-format dataset, plus the bad-input contract.
+
+The pipeline runs once per module (stage 1 -> ANP -> prune -> RNP); the tests then check its
+artifacts. Blend at alpha 0.5 on the generated data is learnt within a few epochs, so the
+backdoor is real and ANP must lower its ASR.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import optimize_mask_cifar
+import prune_neuron_cifar
+import rnp_main
+import train_backdoor_cifar
+from conftest import ROOT
+from defenses.pruning import read_mask_values, read_pruning_file
+from utils.errors import UserError
+
+COMMON = ["--width", "8", "--device", "cpu", "--seed", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_cifar, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    data = ["--data-dir", tiny_cifar]
+    stage1 = train_backdoor_cifar.main(train_backdoor_cifar.parse_args(
+        COMMON + data + ["--epoch", "4", "--schedule", "3", "--batch-size", "32", "--lr", "0.05", "--save-every", "2",
+                         "--poison-type", "blend", "--trigger-alpha", "0.5", "--poison-rate", "0.1",
+                         "--output-dir", str(out / "backdoor")]))
+    ckpt, info = str(out / "backdoor" / "last_model.th"), str(out / "backdoor" / "trigger_info.th")
+    anp = ["--checkpoint", ckpt, "--trigger-info", info, "--output-dir", str(out / "anp")]
+    stage2 = optimize_mask_cifar.main(optimize_mask_cifar.parse_args(
+        COMMON + data + anp + ["--val-frac", "0.05", "--nb-iter", "100", "--print-every", "50", "--batch-size", "32"]))
+    stage3 = prune_neuron_cifar.main(prune_neuron_cifar.parse_args(
+        COMMON + data + anp + ["--mask-file", str(out / "anp" / "mask_values.txt")]))
+    return {"out": out, "data": data, "ckpt": ckpt, "info": info, "stage1": stage1, "stage2": stage2, "stage3": stage3}
+
+
+def test_stage1_artifacts_and_backdoor_learned(pipeline):
+    folder = pipeline["out"] / "backdoor"
+    for name in ["model_init.th", "model_2.th", "model_4.th", "last_model.th", "trigger_info.th", "output.log"]:
+        assert (folder / name).is_file(), name
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert 0 <= metrics["ra"] <= 1 and len(metrics["epochs"]) == 4  # exactly --epoch epochs
+    assert metrics["clean_acc"] >= 0.8 and metrics["asr"] >= 0.9
+    state = torch.load(folder / "last_model.th", weights_only=True)
+    assert "linear.weight" in state and not any("neuron_" in k for k in state)
+    info = torch.load(folder / "trigger_info.th", weights_only=True)
+    assert info["trigger_pattern"].shape == (1, 32, 32, 3) and info["dataset"] == "cifar10"
+    assert len(info["split_permutation"]) == 2000 and len(info["poison_indices"]) == metrics["poisoned_images"]
+    held_out = set(info["split_permutation"][:200].tolist())
+    assert not held_out & set(info["poison_indices"].tolist())
+
+
+def test_anp_artifacts_and_asr_lowered(pipeline):
+    folder = pipeline["out"] / "anp"
+    values = read_mask_values(str(folder / "mask_values.txt"))
+    assert len(values) == pipeline["stage2"]["neurons"] and all(0 <= v <= 1 for _, _, v in values)
+    rows = read_pruning_file(str(folder / "pruning_by_threshold.txt"))
+    assert len(rows) == 19 and all(len(r) == 8 for r in rows)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    before, point = metrics["before"], metrics["operating_point"]
+    assert before["asr"] == pytest.approx(pipeline["stage1"]["asr"])
+    assert point["threshold"] == 0.2 and point["neurons_pruned"] >= 1
+    assert point["asr"] < before["asr"] - 0.2
+    assert (folder / "pruned_model.th").is_file() and (folder / "pruning_by_threshold.png").is_file()
+    pruned = torch.load(folder / "pruned_model.th", weights_only=True)
+    zero = sum(int((v == 0).sum()) for k, v in pruned.items() if k.endswith("weight") and v.dim() == 1)
+    assert zero >= point["neurons_pruned"]
+
+
+def test_rnp_one_command_and_resume(pipeline):
+    out, data = pipeline["out"], pipeline["data"]
+    base = COMMON + data + ["--backdoor_model_path", pipeline["ckpt"], "--trigger-info", pipeline["info"],
+                            "--ratio", "0.05", "--unlearning_epochs", "3", "--recovering_epochs", "2",
+                            "--batch-size", "32", "--pruning-max", "0.3"]
+    first = rnp_main.main(rnp_main.parse_args(base + ["--log_root", str(out / "rnp"), "--output_weight", str(out / "w")]))
+    for name in ["mask_values.txt", "pruning_by_threshold.txt", "pruned_model.th", "output.log", "metrics.json",
+                 "pruning_by_threshold.png"]:
+        assert (out / "rnp" / name).is_file(), name
+    tar = torch.load(out / "w" / "unlearned_model_last.tar", weights_only=True)
+    assert set(tar) >= {"epoch", "state_dict", "clean_acc", "bad_acc"}
+    assert first["unlearning"]["stop_epoch"] == tar["epoch"] and set(first["timings"]) == {
+        "unlearn_seconds", "recover_seconds", "prune_seconds"}
+    assert first["before"]["clean_acc"] >= 0.8 and "operating_point" in first
+    # The RNP mask file parses with the ANP pruning stage.
+    prune_neuron_cifar.main(prune_neuron_cifar.parse_args(
+        COMMON + data + ["--checkpoint", pipeline["ckpt"], "--trigger-info", pipeline["info"],
+                         "--mask-file", str(out / "rnp" / "mask_values.txt"), "--output-dir", str(out / "rnp_anp")]))
+    # Resume from the unlearned model: phase 1 skipped.
+    resumed = rnp_main.main(rnp_main.parse_args(
+        base + ["--unlearned_model_path", str(out / "w" / "unlearned_model_last.tar"), "--log_root", str(out / "r2"),
+                "--output_weight", str(out / "w2")]))
+    assert resumed["unlearning"] is None and "unlearn_seconds" not in resumed["timings"]
+    assert not (out / "w2").exists() and resumed["recovering_epochs"]
+    # Resume from a mask file: phases 1 and 2 skipped, same pruning as the first run.
+    masked = rnp_main.main(rnp_main.parse_args(
+        base + ["--mask-file", str(out / "rnp" / "mask_values.txt"), "--log_root", str(out / "r3")]))
+    assert set(masked["timings"]) == {"prune_seconds"} and masked["rows"] == first["rows"]
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("script,args,needle", [
+    ("train_backdoor_cifar.py", ["--poison-rate", "1.5"], "--poison-rate"),
+    ("train_backdoor_cifar.py", ["--poison-type", "nope"], "--poison-type"),
+    ("train_backdoor_cifar.py", ["--poison-target", "10"], "--poison-target"),
+    ("train_backdoor_cifar.py", ["--arch", "resnet7"], "--arch"),
+    ("train_backdoor_cifar.py", ["--dataset", "mnist3d"], "--dataset"),
+    ("train_backdoor_cifar.py", ["--device", "cuda"], "--device"),
+    ("optimize_mask_cifar.py", ["--checkpoint", "/nonexistent.th"], "--checkpoint"),
+    ("prune_neuron_cifar.py", ["--checkpoint", "x.th"], "--mask-file"),
+])
+def test_bad_input_is_one_line(tiny_cifar, script, args, needle):
+    if needle == "--device" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    result = _run(script, "--data-dir", tiny_cifar, "--device", "cpu", *args) if needle != "--device" else \
+        _run(script, "--data-dir", tiny_cifar, *args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_bad_files_are_one_line(pipeline, tmp_path):
+    data = pipeline["data"]
+    bad_mask = tmp_path / "mask.txt"
+    bad_mask.write_text("No Layer Idx Mask\n0 bn1 zero 0.5\n")
+    wrong_layer = tmp_path / "mask2.txt"
+    wrong_layer.write_text("No Layer Idx Mask\n0 bn9 0 0.5\n")
+    junk = tmp_path / "junk.th"
+    junk.write_bytes(b"junk")
+    cases = [
+        ("prune_neuron_cifar.py", ["--checkpoint", pipeline["ckpt"], "--trigger-info", pipeline["info"],
+                                   "--mask-file", str(bad_mask)], "--mask-file"),
+        ("prune_neuron_cifar.py", ["--checkpoint", pipeline["ckpt"], "--trigger-info", pipeline["info"],
+                                   "--mask-file", str(wrong_layer)], "--mask-file"),
+        ("optimize_mask_cifar.py", ["--checkpoint", pipeline["ckpt"], "--trigger-info", str(junk)], "--trigger-info"),
+        ("optimize_mask_cifar.py", ["--checkpoint", pipeline["ckpt"], "--trigger-info", pipeline["info"],
+                                    "--width", "16"], "--width"),
+        ("optimize_mask_cifar.py", ["--checkpoint", str(junk), "--trigger-info", pipeline["info"]], "--checkpoint"),
+        ("rnp_main.py", ["--backdoor_model_path", pipeline["ckpt"], "--trigger_type", "wanetTrigger"],
+         "--trigger_type"),
+    ]
+    for script, args, needle in cases:
+        result = _run(script, *data, "--device", "cpu", "--width", "8", *args) if "--width" not in args else \
+            _run(script, *data, "--device", "cpu", *args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (script, result.stderr)
+
+
+def test_missing_cifar_is_one_line(tmp_path):
+    result = _run("train_backdoor_cifar.py", "--data-dir", str(tmp_path / "nowhere"), "--device", "cpu",
+                  "--width", "8", "--epoch", "1")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "cifar-10-batches-py" in lines[0]
+
+
+def test_functions_raise_user_errors_in_process(tiny_cifar, tmp_path):
+    with pytest.raises(UserError, match="--poison-rate"):
+        train_backdoor_cifar.main(train_backdoor_cifar.parse_args(["--poison-rate", "-0.1", "--data-dir", tiny_cifar]))

@@ -1,0 +1,54 @@
+"""Evaluation on whole test sets, in large batches without per-step host syncs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, transform: Callable, batch_size: int = 1000,
+            autocast=None) -> torch.Tensor:
+    """Logits (float32) of uint8 N×H×W×C ``images``; ``transform`` normalises a batch on the device."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        x = transform(images[start:start + batch_size])
+        if autocast is not None:
+            with autocast():
+                outputs.append(model(x).float())
+        else:
+            outputs.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    labels = labels.to(logits.device)
+    loss = F.cross_entropy(logits, labels).item() if len(labels) else 0.0
+    acc = (logits.argmax(1) == labels).float().mean().item() if len(labels) else 0.0
+    return loss, acc
+
+
+@dataclass
+class EvalSets:
+    """The clean test set and the poisoned test set (uint8 images on the device)."""
+    clean_images: torch.Tensor
+    clean_labels: torch.Tensor
+    poison_images: torch.Tensor
+    poison_targets: torch.Tensor  # what the backdoor outputs
+    poison_true: torch.Tensor  # the images' true classes (for RA)
+
+
+def backdoor_metrics(model: torch.nn.Module, sets: EvalSets, transform: Callable, batch_size: int = 1000,
+                     autocast=None) -> dict:
+    """ACC and clean loss on the clean test set; ASR, RA and poison loss on the poisoned test set."""
+    clean_logits = predict(model, sets.clean_images, transform, batch_size, autocast)
+    clean_loss, clean_acc = loss_and_accuracy(clean_logits, sets.clean_labels)
+    poison_logits = predict(model, sets.poison_images, transform, batch_size, autocast)
+    poison_loss, asr = loss_and_accuracy(poison_logits, sets.poison_targets)
+    _, ra = loss_and_accuracy(poison_logits, sets.poison_true)
+    return {"clean_loss": clean_loss, "clean_acc": clean_acc, "poison_loss": poison_loss, "asr": asr, "ra": ra}
