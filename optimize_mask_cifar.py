@@ -14,10 +14,9 @@ from defenses.setup import make_model, model_description, prepare_defense_data
 from defenses.stage_args import add_attack_args, check_attack_args
 from utils.checkpoint import load_model_checkpoint
 from utils.cli import add_common_args, check_positive, check_range
-from utils.device import make_runtime, seed_everything
 from utils.errors import ArgumentParser, UserError, run_cli
 from utils.evaluation import backdoor_metrics
-from utils.run_log import RunLog, Timer, run_metadata, write_metrics
+from utils.run_log import Timer, run_metadata, start_run, write_metrics
 
 
 def parse_args(argv=None):
@@ -49,11 +48,7 @@ def main(args) -> dict:
     check_positive(args.print_every, "--print-every")
     if args.anp_eps < 0:
         raise UserError(f"--anp-eps: expected a non-negative number, got {args.anp_eps}")
-    runtime = make_runtime(args.device, args.amp)
-    seed_everything(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
-    log = RunLog(args.output_dir)
-    log(f"# {run_metadata(args, runtime)['command']}")
+    runtime, log = start_run(args, args.output_dir)
     data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
                                 val_frac=args.val_frac, seed=args.seed, runtime=runtime, poison_type=args.poison_type,
                                 poison_target=args.poison_target, trigger_alpha=args.trigger_alpha, log=log)

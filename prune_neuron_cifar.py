@@ -12,10 +12,9 @@ from defenses.setup import make_model, model_description, prepare_defense_data
 from defenses.stage_args import add_attack_args, check_attack_args
 from utils.checkpoint import load_model_checkpoint
 from utils.cli import add_common_args, check_positive
-from utils.device import make_runtime, seed_everything
 from utils.errors import ArgumentParser, run_cli
 from utils.evaluation import backdoor_metrics
-from utils.run_log import RunLog, Timer, run_metadata, write_metrics
+from utils.run_log import Timer, run_metadata, start_run, write_metrics
 
 
 def parse_args(argv=None):
@@ -37,11 +36,7 @@ def parse_args(argv=None):
 def main(args) -> dict:
     check_attack_args(args)
     check_positive(args.pruning_step, "--pruning-step")
-    runtime = make_runtime(args.device, args.amp)
-    seed_everything(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
-    log = RunLog(args.output_dir)
-    log(f"# {run_metadata(args, runtime)['command']}")
+    runtime, log = start_run(args, args.output_dir)
     values = read_mask_values(args.mask_file)
     data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
                                 val_frac=0.01, seed=args.seed, runtime=runtime, poison_type=args.poison_type,

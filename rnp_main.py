@@ -16,10 +16,9 @@ from defenses.rnp import STOP_CHECKS, RNPConfig, recover_masks, unlearn
 from defenses.setup import make_model, model_description, prepare_defense_data
 from utils.checkpoint import atomic_save, load_model_checkpoint
 from utils.cli import add_common_args, check_positive, check_range
-from utils.device import make_runtime, seed_everything
 from utils.errors import ArgumentParser, UserError, run_cli
 from utils.evaluation import backdoor_metrics
-from utils.run_log import RunLog, Timer, run_metadata, write_metrics
+from utils.run_log import Timer, run_metadata, start_run, write_metrics
 
 # RNP's --trigger_type values that this toolkit implements: (attack, badnets patch, alpha).
 RNP_TRIGGERS = {"gridTrigger": ("badnets", "gridTrigger", 1.0), "blendTrigger": ("blend", None, 0.2)}
@@ -71,10 +70,7 @@ def main(args) -> dict:
     check_range(args.clean_threshold, 0.0, 1.0, "--clean_threshold")
     check_range(args.alpha, 0.0, 1.0, "--alpha")
     check_positive(args.pruning_step, "--pruning_step")
-    runtime = make_runtime(args.device, args.amp)
-    seed_everything(args.seed)
-    log = RunLog(args.log_root)
-    log(f"# {run_metadata(args, runtime)['command']}")
+    runtime, log = start_run(args, args.log_root)
     poison_type, patch, alpha = RNP_TRIGGERS.get(args.trigger_type, ("badnets", None, 1.0))
     data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
                                 val_frac=args.ratio, seed=args.seed, runtime=runtime, poison_type=poison_type,

@@ -18,10 +18,9 @@ from data.trigger_info import make_trigger_info
 from defenses.setup import make_eval_sets, make_model
 from utils.checkpoint import atomic_save, plain_state_dict
 from utils.cli import add_common_args, check_positive, check_range
-from utils.device import make_runtime, seed_everything
 from utils.errors import ArgumentParser, UserError, run_cli
 from utils.evaluation import backdoor_metrics
-from utils.run_log import RunLog, Timer, run_metadata, write_metrics
+from utils.run_log import Timer, run_metadata, start_run, write_metrics
 from utils.training import train_epoch
 
 
@@ -58,11 +57,7 @@ def main(args) -> dict:
     spec = get_spec(args.dataset)
     if not 0 <= args.poison_target < spec.num_classes:
         raise UserError(f"--poison-target: {args.poison_target} is outside the class range 0..{spec.num_classes - 1}")
-    runtime = make_runtime(args.device, args.amp)
-    seed_everything(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
-    log = RunLog(args.output_dir)
-    log(f"# {run_metadata(args, runtime)['command']}")
+    runtime, log = start_run(args, args.output_dir)
 
     data = load_dataset(spec.name, args.data_dir)
     permutation = split_permutation(len(data.train_labels), args.seed)

@@ -68,17 +68,19 @@ def unlearn(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             with autocast():
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            (-loss).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=config.clip_grad_norm)
-            optimizer.step()
             batch_correct = (logits.argmax(1) == y).sum().item()
             total_loss += loss.item() * len(y)
             correct += batch_correct
             seen += len(y)
             if config.stop_check == "batch" and batch_correct / len(y) <= config.clean_threshold:
+                # The model that met the rule is the current one: keep it, skip this batch's ascent step.
                 result.stopped, result.train_acc = True, batch_correct / len(y)
                 break
+            optimizer.zero_grad(set_to_none=True)
+            (-loss).backward()
+            # Clip after the backward pass (the original clips before it, where it has no effect).
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=config.clip_grad_norm)
+            optimizer.step()
         scheduler.step()
         result.epochs_run = epoch
         result.epoch_train_loss, result.epoch_train_acc = total_loss / seen, correct / seen

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch import nn
 
 import models
 from models import ARCHITECTURES, create_model

@@ -7,7 +7,6 @@ plain checkpoint keep their initial values.
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 
 import numpy as np
@@ -18,33 +17,28 @@ from .errors import UserError
 MASK_SUFFIXES = ("neuron_mask", "neuron_noise", "neuron_noise_bias")
 
 
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: never a truncated file."""
+def _atomic_write(path: str, mode: str, write) -> None:
+    """Write through ``write(file)`` to a temporary file in the same folder, then rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` atomically: an interrupted run never leaves a truncated checkpoint."""
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def resolve_checkpoint_path(path: str, argument: str) -> str:
@@ -71,7 +65,7 @@ def safe_load(path: str, argument: str):
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+    except Exception as err:  # any unreadable file (pickle, zip, struct, I/O errors) is the user's input
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{argument}: cannot read {path} as a weights-only torch file ({first_line[:160]})") from None
 

@@ -28,6 +28,17 @@ class RunLog:
         self._file.close()
 
 
+def start_run(args, output_dir: str):
+    """Common start of every script: runtime, seeds, the run folder and its log (first line: the command)."""
+    from .device import make_runtime, seed_everything
+
+    runtime = make_runtime(args.device, args.amp)
+    seed_everything(args.seed)
+    log = RunLog(output_dir)
+    log(f"# {run_metadata(args, runtime)['command']}")
+    return runtime, log
+
+
 def run_metadata(args, runtime=None) -> dict:
     return {
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
