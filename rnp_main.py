@@ -48,8 +48,9 @@ def parse_args(argv=None):
     _flag(p, "unlearning_epochs", type=int, default=20)
     _flag(p, "recovering_epochs", type=int, default=20)
     _flag(p, "schedule", type=int, nargs="+", default=[10, 20], help="unlearning lr drops 10x at these epochs")
-    _flag(p, "stop_check", default="epoch", choices=STOP_CHECKS,
-          help="when the unlearning stop rule is checked: after each epoch (paper) or after each batch")
+    _flag(p, "stop_check", default="batch", choices=STOP_CHECKS,
+          help="when the unlearning stop rule is checked: before each batch's step (default; the model that "
+               "meets the rule is kept) or after each epoch (the paper's code)")
     _flag(p, "eval_every", type=int, default=1,
           help="evaluate on the test sets every N epochs of phases 1-2 (0: only at the end of each phase)")
     _flag(p, "pruning_by", default="threshold", choices=PRUNING_MODES)

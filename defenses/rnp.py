@@ -30,7 +30,7 @@ class RNPConfig:
     unlearning_epochs: int = 20
     schedule: list = field(default_factory=lambda: [10, 20])
     clean_threshold: float = 0.20
-    stop_check: str = "epoch"  # "epoch": the paper's rule, checked after each epoch; "batch": after each batch
+    stop_check: str = "batch"  # "batch" (default): after each batch; "epoch": after each epoch, as the paper
     clip_grad_norm: float = 20.0
     recovering_lr: float = 0.2
     recovering_epochs: int = 20
