@@ -81,7 +81,6 @@ def unlearn(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             # Clip after the backward pass (the original clips before it, where it has no effect).
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=config.clip_grad_norm)
             optimizer.step()
-        scheduler.step()
         result.epochs_run = epoch
         result.epoch_train_loss, result.epoch_train_acc = total_loss / seen, correct / seen
         if config.stop_check == "epoch":
@@ -91,6 +90,7 @@ def unlearn(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             on_epoch(epoch, lr, {"train_loss": result.epoch_train_loss, "train_acc": result.epoch_train_acc})
         if result.stopped:
             break
+        scheduler.step()
     return result
 
 
