@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/quickstart}
 COMMON="--dataset fashion-mnist --arch resnet18 --width 8 --device auto --seed 0"
-python3 train_backdoor_cifar.py $COMMON --epoch 2 --schedule 1 --poison-type badnets --poison-rate 0.05 \
+python3 train_backdoor_cifar.py $COMMON --epoch 4 --schedule 2 3 --poison-type badnets --poison-rate 0.05 \
     --poison-target 0 --output-dir "$OUT/backdoor"
 python3 optimize_mask_cifar.py $COMMON --checkpoint "$OUT/backdoor/last_model.th" \
     --trigger-info "$OUT/backdoor/trigger_info.th" --nb-iter 300 --print-every 100 --output-dir "$OUT/anp"
