@@ -71,6 +71,9 @@ def main(args) -> dict:
     check_range(args.clean_threshold, 0.0, 1.0, "--clean_threshold")
     check_range(args.alpha, 0.0, 1.0, "--alpha")
     check_positive(args.pruning_step, "--pruning_step")
+    check_positive(args.unlearning_epochs, "--unlearning_epochs")
+    check_positive(args.recovering_epochs, "--recovering_epochs")
+    check_positive(args.batch_size, "--batch_size")
     runtime, log = start_run(args, args.log_root)
     poison_type, patch, alpha = RNP_TRIGGERS.get(args.trigger_type, ("badnets", None, 1.0))
     data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
