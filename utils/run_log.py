@@ -10,6 +10,7 @@ import time
 import torch
 
 from .checkpoint import atomic_write_text
+from .device import make_runtime, seed_everything
 
 
 class RunLog:
@@ -30,8 +31,6 @@ class RunLog:
 
 def start_run(args, output_dir: str):
     """Common start of every script: runtime, seeds, the run folder and its log (first line: the command)."""
-    from .device import make_runtime, seed_everything
-
     runtime = make_runtime(args.device, args.amp)
     seed_everything(args.seed)
     log = RunLog(output_dir)
