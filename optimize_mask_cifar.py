@@ -11,7 +11,7 @@ import torch
 from defenses.anp import ANPConfig, mask_values, optimize_masks
 from defenses.pruning import write_mask_values
 from defenses.setup import make_model, model_description, prepare_defense_data
-from defenses.stage_args import add_attack_args, check_attack_args
+from defenses.stage_args import add_attack_args, add_augment_arg, check_attack_args
 from utils.checkpoint import load_model_checkpoint
 from utils.cli import add_common_args, check_positive, check_range
 from utils.errors import ArgumentParser, UserError, run_cli
@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--project-noise", action="store_true",
                    help="clip the perturbation back into [-eps, eps] after its step (the original does not)")
     add_attack_args(p)
+    add_augment_arg(p)
     return p.parse_args(argv)
 
 
@@ -51,7 +52,8 @@ def main(args) -> dict:
     runtime, log = start_run(args, args.output_dir)
     data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
                                 val_frac=args.val_frac, seed=args.seed, runtime=runtime, poison_type=args.poison_type,
-                                poison_target=args.poison_target, trigger_alpha=args.trigger_alpha, log=log)
+                                poison_target=args.poison_target, trigger_alpha=args.trigger_alpha,
+                                augment=args.augment, log=log)
     model = make_model(args.arch, data.spec, args.width, masked=True, runtime=runtime)
     load_model_checkpoint(model, args.checkpoint, model_description(args.arch, args.width, data.spec))
 
@@ -59,7 +61,7 @@ def main(args) -> dict:
         return backdoor_metrics(m, data.eval_sets, data.transform.normalize, autocast=runtime.autocast)
 
     before = evaluate(model)
-    log(f"{data.spec.name}, {len(data.defense_labels)} clean defense images; before: ACC {before['clean_acc']:.4f} "
+    log(f"{data.spec.name}, {len(data.defense_labels)} clean defense images ({data.augmentation}); before: ACC {before['clean_acc']:.4f} "
         f"ASR {before['asr']:.4f} RA {before['ra']:.4f}")
     log("Iter \t lr \t Time \t TrainLoss \t TrainACC \t PoisonLoss \t PoisonACC \t CleanLoss \t CleanACC")
     timer, reports = Timer(), []
@@ -81,7 +83,7 @@ def main(args) -> dict:
     write_mask_values(values, mask_file)
     low = sum(v <= 0.2 for _, _, v in values)
     log(f"wrote {mask_file}: {len(values)} neurons, {low} with mask <= 0.2 ({timer():.0f} s)")
-    metrics = {**run_metadata(args, runtime), "before": before, "reports": reports,
+    metrics = {**run_metadata(args, runtime), "augmentation": data.augmentation, "before": before, "reports": reports,
                "neurons": len(values), "neurons_mask_le_0.2": low, "timings": {"optimize_seconds": timer()}}
     write_metrics(os.path.join(args.output_dir, "metrics.json"), metrics)
     log.close()

@@ -14,6 +14,7 @@ from defenses.pruning import PRUNING_MODES, prune_and_report, read_mask_values, 
 from defenses.anp import mask_values
 from defenses.rnp import STOP_CHECKS, RNPConfig, recover_masks, unlearn
 from defenses.setup import make_model, model_description, prepare_defense_data
+from defenses.stage_args import add_augment_arg
 from utils.checkpoint import atomic_save, load_model_checkpoint
 from utils.cli import add_common_args, check_positive, check_range
 from utils.errors import ArgumentParser, UserError, run_cli
@@ -61,6 +62,7 @@ def parse_args(argv=None):
     _flag(p, "trigger_type", default="gridTrigger", help=f"without --trigger-info: {' | '.join(RNP_TRIGGERS)}")
     _flag(p, "target_type", default="all2one", choices=["all2one", "all2all"])
     _flag(p, "trigger_info", default="", help="trigger_info.th from train_backdoor_cifar.py (decides the attack)")
+    add_augment_arg(p)
     return p.parse_args(argv)
 
 
@@ -79,7 +81,7 @@ def main(args) -> dict:
     data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
                                 val_frac=args.ratio, seed=args.seed, runtime=runtime, poison_type=poison_type,
                                 poison_target=args.target_label, trigger_alpha=alpha, trigger_type=patch,
-                                target_type=args.target_type, log=log)
+                                target_type=args.target_type, augment=args.augment, log=log)
     description = model_description(args.arch, args.width, data.spec)
     config = RNPConfig(batch_size=args.batch_size, unlearning_lr=args.unlearning_lr,
                        unlearning_epochs=args.unlearning_epochs, schedule=args.schedule,
@@ -119,7 +121,7 @@ def main(args) -> dict:
     if mask_file is None:
         unlearned_path = args.unlearned_model_path
         if unlearned_path is None:
-            log(f"--- phase 1: unlearning on {len(data.defense_labels)} clean images "
+            log(f"--- phase 1: unlearning on {len(data.defense_labels)} clean images ({data.augmentation}) "
                 f"(stop at training accuracy <= {args.clean_threshold}, checked per {args.stop_check})")
             log(header)
             model = load(args.backdoor_model_path, False, "--backdoor_model_path")
@@ -163,8 +165,8 @@ def main(args) -> dict:
                                save_threshold=args.save_threshold, evaluate=evaluate, output_dir=args.log_root,
                                log=log, title=f"RNP pruning, {data.spec.name}")
     timings["prune_seconds"] = phase_timer()
-    metrics = {**run_metadata(args, runtime), **results, "unlearning": unlearn_summary,
-               "unlearning_epochs": unlearning, "recovering_epochs": recovering, "timings": timings}
+    metrics = {**run_metadata(args, runtime), **results, "augmentation": data.augmentation,
+               "unlearning": unlearn_summary, "unlearning_epochs": unlearning, "recovering_epochs": recovering, "timings": timings}
     write_metrics(os.path.join(args.log_root, "metrics.json"), metrics)
     log.close()
     return metrics

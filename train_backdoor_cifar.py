@@ -12,7 +12,7 @@ import torch
 from data import ATTACKS, build_attack, choose_poison_indices, get_spec, load_dataset, poison_training_set
 from data import attacker_indices, split_permutation
 from data.attacks.badnets import TRIGGER_TYPES
-from data.augment import BatchTransform
+from data.augment import AUGMENTATIONS, BatchTransform, default_augmentation
 from data.poison import CANDIDATE_RULES
 from data.trigger_info import make_trigger_info
 from defenses.setup import make_eval_sets, make_model
@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--trigger-type", default=None, help=f"badnets patch: {' | '.join(TRIGGER_TYPES)}")
     p.add_argument("--trigger-file", default=None, help="blend: image file to blend instead of the Gaussian pattern")
     p.add_argument("--target-type", default="all2one", choices=["all2one", "all2all"])
+    p.add_argument("--augment", default=None, choices=list(AUGMENTATIONS),
+                   help="training augmentation (default: the dataset's, crop-flip for CIFAR-10 and Fashion-MNIST); "
+                        "recorded in trigger_info.th so the defenses augment their clean data alike")
     p.add_argument("--poison-candidates", default="non-target", choices=CANDIDATE_RULES,
                    help="non-target: rate × non-target images (ANP, default); all: rate × all images (RNP)")
     return p.parse_args(argv)
@@ -70,15 +73,18 @@ def main(args) -> dict:
     local = choose_poison_indices(data.train_labels[train_idx], rate, attack, generator, args.poison_candidates)
     images, labels = poison_training_set(data.train_images[train_idx], data.train_labels[train_idx], attack, local)
     poison_indices = train_idx[local]
+    augmentation = args.augment or default_augmentation(spec.hflip)
     trigger_info = make_trigger_info(attack, spec.name, args.seed, permutation, poison_indices, rate,
-                                     args.poison_candidates)
+                                     args.poison_candidates, augmentation)
     atomic_save(trigger_info, os.path.join(args.output_dir, "trigger_info.th"))
     log(f"{spec.name}: {len(labels)} training images ({len(local)} poisoned by {attack.name}, target "
-        f"{attack.target}), {int(len(permutation) * 0.1)} held out clean, {len(data.test_labels)} test images")
+        f"{attack.target}), {int(len(permutation) * 0.1)} held out clean, {len(data.test_labels)} test images; "
+        f"augmentation {augmentation}")
 
     images, labels = images.to(runtime.device), labels.to(runtime.device)
     eval_sets = make_eval_sets(data.test_images, data.test_labels, attack, runtime.device)
-    transform = BatchTransform(spec.mean, spec.std, spec.hflip, runtime.device, channels_last=runtime.channels_last)
+    transform = BatchTransform.named(augmentation, spec.mean, spec.std, runtime.device,
+                                     channels_last=runtime.channels_last)
     model = make_model(args.arch, spec, args.width, masked=False, runtime=runtime)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.schedule, gamma=0.1)
@@ -104,7 +110,7 @@ def main(args) -> dict:
 
     final = history[-1]
     metrics = {**run_metadata(args, runtime), "attack": attack.name, "poison_target": attack.target,
-               "poisoned_images": len(local), "clean_acc": final["clean_acc"], "asr": final["asr"],
+               "poisoned_images": len(local), "augmentation": augmentation, "clean_acc": final["clean_acc"], "asr": final["asr"],
                "ra": final["ra"], "timings": {"train_seconds": timer()}, "epochs": history}
     write_metrics(os.path.join(args.output_dir, "metrics.json"), metrics)
     log(f"final: ACC {final['clean_acc']:.4f} ASR {final['asr']:.4f} RA {final['ra']:.4f} "

@@ -8,6 +8,16 @@ from __future__ import annotations
 
 import torch
 
+# Training augmentations by name: (zero padding of the random crop, random horizontal flip).
+# "crop-flip" is the papers' CIFAR recipe; "crop" suits data where a mirror image changes the meaning;
+# "none" only normalises.
+AUGMENTATIONS = {"crop-flip": (4, True), "crop": (4, False), "none": (0, False)}
+
+
+def default_augmentation(hflip: bool) -> str:
+    """The dataset's training augmentation (its spec says whether flipping is allowed)."""
+    return "crop-flip" if hflip else "crop"
+
 
 class BatchTransform:
     def __init__(self, mean, std, hflip: bool, device, pad: int = 4, channels_last: bool = False):
@@ -17,6 +27,12 @@ class BatchTransform:
         self.pad = pad
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    @classmethod
+    def named(cls, augmentation: str, mean, std, device, channels_last: bool = False) -> "BatchTransform":
+        """The transform for one of :data:`AUGMENTATIONS`."""
+        pad, hflip = AUGMENTATIONS[augmentation]
+        return cls(mean, std, hflip, device, pad=pad, channels_last=channels_last)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 N×H×W×C -> normalised float N×C×H×W."""

@@ -16,7 +16,8 @@ from .splits import HELD_OUT_FRAC
 
 
 def make_trigger_info(attack: Attack, dataset: str, split_seed: int, permutation: torch.Tensor,
-                      poison_indices: torch.Tensor, poison_rate: float, poison_candidates: str) -> dict:
+                      poison_indices: torch.Tensor, poison_rate: float, poison_candidates: str,
+                      augmentation: str) -> dict:
     return {
         **attack.record(),
         "dataset": dataset,
@@ -28,6 +29,8 @@ def make_trigger_info(attack: Attack, dataset: str, split_seed: int, permutation
         "data_index": poison_indices.clone(),
         "poison_rate": float(poison_rate),
         "poison_candidates": poison_candidates,
+        # The training augmentation (a name in data.AUGMENTATIONS); the defenses augment their clean data alike.
+        "augmentation": augmentation,
     }
 
 

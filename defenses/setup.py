@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from data import (BatchTransform, DatasetSpec, attack_from_record, build_attack, defense_indices, get_spec,
-                  load_dataset, poisoned_test_set, split_permutation)
+from data import (AUGMENTATIONS, BatchTransform, DatasetSpec, attack_from_record, build_attack, default_augmentation,
+                  defense_indices, get_spec, load_dataset, poisoned_test_set, split_permutation)
 from data.attacks import Attack
 from data.trigger_info import load_trigger_info
 from utils.device import Runtime
@@ -19,6 +19,7 @@ from utils.evaluation import EvalSets
 class DefenseData:
     spec: DatasetSpec
     transform: BatchTransform
+    augmentation: str  # name in data.AUGMENTATIONS used for the defense data
     defense_images: torch.Tensor  # uint8, on the device: the defender's clean data
     defense_labels: torch.Tensor
     eval_sets: EvalSets  # for reporting only; never used to choose anything
@@ -43,8 +44,12 @@ def resolve_dataset_name(requested: str | None, trigger_info: dict | None) -> st
 def prepare_defense_data(*, dataset: str | None, data_dir: str, trigger_info_path: str | None, val_frac: float,
                          seed: int, runtime: Runtime, poison_type: str, poison_target: int,
                          trigger_alpha: float | None = None, trigger_type: str | None = None,
-                         target_type: str = "all2one", log=print) -> DefenseData:
-    """Load the dataset, the held-out defense split and the poisoned test set for a defense stage."""
+                         target_type: str = "all2one", augment: str | None = None, log=print) -> DefenseData:
+    """Load the dataset, the held-out defense split and the poisoned test set for a defense stage.
+
+    The defense data is augmented as the model's training data was (``augmentation`` of the trigger
+    info), unless ``augment`` names another augmentation.
+    """
     trigger_info = load_trigger_info(trigger_info_path) if trigger_info_path else None
     spec = get_spec(resolve_dataset_name(dataset, trigger_info))
     data = load_dataset(spec.name, data_dir)
@@ -69,9 +74,14 @@ def prepare_defense_data(*, dataset: str | None, data_dir: str, trigger_info_pat
     if not 0.0 < val_frac <= 0.1:
         raise UserError(f"--val-frac/--ratio: {val_frac} must be in (0, 0.1], the held-out clean part of the training set")
     indices = defense_indices(permutation, val_frac)
-    transform = BatchTransform(spec.mean, spec.std, spec.hflip, runtime.device, channels_last=runtime.channels_last)
+    recorded = trigger_info.get("augmentation") if trigger_info else None
+    if recorded is not None and recorded not in AUGMENTATIONS:
+        raise UserError(f"--trigger-info: unknown augmentation {recorded!r}; expected one of {', '.join(AUGMENTATIONS)}")
+    augmentation = augment or recorded or default_augmentation(spec.hflip)
+    transform = BatchTransform.named(augmentation, spec.mean, spec.std, runtime.device,
+                                     channels_last=runtime.channels_last)
     return DefenseData(
-        spec=spec, transform=transform,
+        spec=spec, transform=transform, augmentation=augmentation,
         defense_images=data.train_images[indices].to(runtime.device),
         defense_labels=data.train_labels[indices].to(runtime.device),
         eval_sets=make_eval_sets(data.test_images, data.test_labels, attack, runtime.device),

@@ -1,7 +1,7 @@
 """Attack flags shared by the defense scripts (used when no trigger info is given)."""
 from __future__ import annotations
 
-from data import ATTACKS
+from data import ATTACKS, AUGMENTATIONS
 from utils.errors import UserError
 
 
@@ -16,3 +16,9 @@ def add_attack_args(parser) -> None:
 def check_attack_args(args) -> None:
     if not args.trigger_info and args.poison_type not in ATTACKS:
         raise UserError(f"--poison-type: unknown attack {args.poison_type!r}; expected one of {', '.join(ATTACKS)}")
+
+
+def add_augment_arg(parser) -> None:
+    parser.add_argument("--augment", default=None, choices=list(AUGMENTATIONS),
+                        help="augmentation of the defense data (default: the training augmentation recorded in "
+                             "the trigger info, else the dataset's: crop-flip for CIFAR-10 and Fashion-MNIST)")

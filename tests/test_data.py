@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import BatchTransform, attacker_indices, defense_indices, held_out_indices, load_dataset, split_permutation
+from data import AUGMENTATIONS, BatchTransform, attacker_indices, defense_indices, held_out_indices, load_dataset, split_permutation
 from data.cifar_format import read_cifar10, write_cifar10
 from data.datasets import DEBIAN_FASHION_MNIST, get_spec
 from data.idx_format import read_idx_dataset, write_idx
@@ -83,3 +83,24 @@ def test_batch_transform_normalises_and_augments():
     out = t.augment(const)
     pad_value = (0 - 0.5) / 0.25
     assert ((out == pad_value) | torch.isclose(out, torch.tensor((200 / 255 - 0.5) / 0.25))).all()
+
+
+def test_named_augmentations():
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    assert set(AUGMENTATIONS) == {"crop-flip", "crop", "none"}
+    none = BatchTransform.named("none", mean, std, "cpu")
+    assert torch.equal(none.augment(images), none.normalize(images))
+    crop = BatchTransform.named("crop", mean, std, "cpu")
+    assert (crop.pad, crop.hflip) == (4, False)
+    flip = BatchTransform.named("crop-flip", mean, std, "cpu")
+    assert (flip.pad, flip.hflip) == (4, True)
+    # A crop keeps each image's left-right orientation: a bright left half stays on the left.
+    half = torch.zeros(64, 32, 32, 3, dtype=torch.uint8)
+    half[:, :, :16] = 255
+    torch.manual_seed(0)
+    x = crop.augment(half)
+    assert (x[:, :, :, :8].mean(dim=(1, 2, 3)) > x[:, :, :, -8:].mean(dim=(1, 2, 3))).all()
+    y = flip.augment(half)
+    mirrored = y[:, :, :, :8].mean(dim=(1, 2, 3)) < y[:, :, :, -8:].mean(dim=(1, 2, 3))
+    assert 0 < int(mirrored.sum()) < 64  # about half the batch is flipped

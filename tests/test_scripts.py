@@ -53,6 +53,7 @@ def test_stage1_artifacts_and_backdoor_learned(pipeline):
     assert "linear.weight" in state and not any("neuron_" in k for k in state)
     info = torch.load(folder / "trigger_info.th", weights_only=True)
     assert info["trigger_pattern"].shape == (1, 32, 32, 3) and info["dataset"] == "cifar10"
+    assert info["augmentation"] == metrics["augmentation"] == "crop-flip"  # CIFAR-10's default, recorded
     assert len(info["split_permutation"]) == 2000 and len(info["poison_indices"]) == metrics["poisoned_images"]
     held_out = set(info["split_permutation"][:200].tolist())
     assert not held_out & set(info["poison_indices"].tolist())
@@ -60,6 +61,7 @@ def test_stage1_artifacts_and_backdoor_learned(pipeline):
 
 def test_anp_artifacts_and_asr_lowered(pipeline):
     folder = pipeline["out"] / "anp"
+    assert pipeline["stage2"]["augmentation"] == "crop-flip"  # the training augmentation, from the trigger info
     values = read_mask_values(str(folder / "mask_values.txt"))
     assert len(values) == pipeline["stage2"]["neurons"] and all(0 <= v <= 1 for _, _, v in values)
     rows = read_pruning_file(str(folder / "pruning_by_threshold.txt"))
@@ -169,3 +171,29 @@ def test_missing_cifar_is_one_line(tmp_path):
 def test_functions_raise_user_errors_in_process(tiny_cifar, tmp_path):
     with pytest.raises(UserError, match="--poison-rate"):
         train_backdoor_cifar.main(train_backdoor_cifar.parse_args(["--poison-rate", "-0.1", "--data-dir", tiny_cifar]))
+
+
+def test_defense_augmentation_follows_the_trigger_info(pipeline, tmp_path):
+    from defenses.setup import prepare_defense_data
+    from utils.device import make_runtime
+
+    def prepare(info_path, augment=None):
+        return prepare_defense_data(dataset=None, data_dir=pipeline["data"][1], trigger_info_path=info_path,
+                                    val_frac=0.05, seed=0, runtime=make_runtime("cpu"), poison_type="badnets",
+                                    poison_target=0, augment=augment, log=lambda *_: None)
+
+    assert prepare(pipeline["info"]).augmentation == "crop-flip"
+    info = torch.load(pipeline["info"], weights_only=True)
+    info["augmentation"] = "none"
+    recorded_none = tmp_path / "none.th"
+    torch.save(info, recorded_none)
+    data = prepare(str(recorded_none))
+    assert data.augmentation == "none" and (data.transform.pad, data.transform.hflip) == (0, False)
+    assert prepare(str(recorded_none), augment="crop").augmentation == "crop"  # the flag overrides the record
+    info["augmentation"] = "rotate"
+    torch.save(info, tmp_path / "bad.th")
+    with pytest.raises(UserError, match="--trigger-info"):
+        prepare(str(tmp_path / "bad.th"))
+    del info["augmentation"]  # trigger infos written before the option existed: the dataset's default
+    torch.save(info, tmp_path / "old.th")
+    assert prepare(str(tmp_path / "old.th")).augmentation == "crop-flip"
