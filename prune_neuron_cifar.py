@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 
 from defenses.pruning import PRUNING_MODES, prune_and_report, read_mask_values
-from defenses.setup import make_model, model_description, prepare_defense_data
-from defenses.stage_args import add_attack_args, check_attack_args
+from defenses.setup import defense_accuracy, make_model, model_description, prepare_defense_data
+from defenses.stage_args import add_attack_args, add_operating_point_args, check_attack_args
 from utils.checkpoint import load_model_checkpoint
-from utils.cli import add_common_args, check_positive
+from utils.cli import add_common_args, check_positive, check_range
 from utils.errors import ArgumentParser, run_cli
 from utils.evaluation import backdoor_metrics
 from utils.run_log import Timer, run_metadata, start_run, write_metrics
@@ -29,6 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--save-threshold", type=float, default=0.2,
                    help="operating point: the purified model prunes every neuron with mask <= this (fixed; "
                         "never chosen on the poisoned test set)")
+    add_operating_point_args(p)
+    p.add_argument("--val-frac", type=float, default=0.01,
+                   help="the clean defense data (as in stage 2) on which --operating-point defense-acc measures")
     add_attack_args(p)
     return p.parse_args(argv)
 
@@ -36,10 +39,11 @@ def parse_args(argv=None):
 def main(args) -> dict:
     check_attack_args(args)
     check_positive(args.pruning_step, "--pruning-step")
+    check_range(args.max_acc_drop, 0.0, 1.0, "--max-acc-drop")
     runtime, log = start_run(args, args.output_dir)
     values = read_mask_values(args.mask_file)
     data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
-                                val_frac=0.01, seed=args.seed, runtime=runtime, poison_type=args.poison_type,
+                                val_frac=args.val_frac, seed=args.seed, runtime=runtime, poison_type=args.poison_type,
                                 poison_target=args.poison_target, trigger_alpha=args.trigger_alpha, log=log)
     description = model_description(args.arch, args.width, data.spec)
 
@@ -54,7 +58,9 @@ def main(args) -> dict:
     timer = Timer()
     results = prune_and_report(load_original, values, mode=args.pruning_by, pruning_max=args.pruning_max,
                                pruning_step=args.pruning_step, save_threshold=args.save_threshold, evaluate=evaluate,
-                               output_dir=args.output_dir, log=log, title=f"ANP pruning, {data.spec.name}")
+                               output_dir=args.output_dir, log=log, title=f"ANP pruning, {data.spec.name}",
+                               defense_accuracy=lambda m: defense_accuracy(m, data, runtime.autocast),
+                               operating_point=args.operating_point, max_acc_drop=args.max_acc_drop)
     metrics = {**run_metadata(args, runtime), **results, "timings": {"prune_seconds": timer()}}
     write_metrics(os.path.join(args.output_dir, "metrics.json"), metrics)
     log.close()

@@ -13,8 +13,8 @@ import torch
 from defenses.pruning import PRUNING_MODES, prune_and_report, read_mask_values, write_mask_values
 from defenses.anp import mask_values
 from defenses.rnp import STOP_CHECKS, RNPConfig, recover_masks, unlearn
-from defenses.setup import make_model, model_description, prepare_defense_data
-from defenses.stage_args import add_augment_arg
+from defenses.setup import defense_accuracy, make_model, model_description, prepare_defense_data
+from defenses.stage_args import add_augment_arg, add_operating_point_args
 from utils.checkpoint import atomic_save, load_model_checkpoint
 from utils.cli import add_common_args, check_positive, check_range
 from utils.errors import ArgumentParser, UserError, run_cli
@@ -63,6 +63,7 @@ def parse_args(argv=None):
     _flag(p, "target_type", default="all2one", choices=["all2one", "all2all"])
     _flag(p, "trigger_info", default="", help="trigger_info.th from train_backdoor_cifar.py (decides the attack)")
     add_augment_arg(p)
+    add_operating_point_args(p, snake_case_too=True)
     return p.parse_args(argv)
 
 
@@ -72,6 +73,7 @@ def main(args) -> dict:
                         f"{', '.join(RNP_TRIGGERS)} (or give --trigger-info)")
     check_range(args.clean_threshold, 0.0, 1.0, "--clean_threshold")
     check_range(args.alpha, 0.0, 1.0, "--alpha")
+    check_range(args.max_acc_drop, 0.0, 1.0, "--max-acc-drop")
     check_positive(args.pruning_step, "--pruning_step")
     check_positive(args.unlearning_epochs, "--unlearning_epochs")
     check_positive(args.recovering_epochs, "--recovering_epochs")
@@ -163,7 +165,9 @@ def main(args) -> dict:
     results = prune_and_report(lambda: load(args.backdoor_model_path, False, "--backdoor_model_path"), values,
                                mode=args.pruning_by, pruning_max=args.pruning_max, pruning_step=args.pruning_step,
                                save_threshold=args.save_threshold, evaluate=evaluate, output_dir=args.log_root,
-                               log=log, title=f"RNP pruning, {data.spec.name}")
+                               log=log, title=f"RNP pruning, {data.spec.name}",
+                               defense_accuracy=lambda m: defense_accuracy(m, data, runtime.autocast),
+                               operating_point=args.operating_point, max_acc_drop=args.max_acc_drop)
     timings["prune_seconds"] = phase_timer()
     metrics = {**run_metadata(args, runtime), **results, "augmentation": data.augmentation,
                "unlearning": unlearn_summary, "unlearning_epochs": unlearning, "recovering_epochs": recovering, "timings": timings}

@@ -163,10 +163,13 @@ def plot_pruning_curve(rows: list[PruningRow], mode: str, path: str, before: dic
     ax.plot(xs, [r.metrics["clean_acc"] for r in rows], "o-", label="ACC (clean test)")
     ax.plot(xs, [r.metrics["asr"] for r in rows], "s-", label="ASR (poisoned test)")
     ax.plot(xs, [r.metrics["ra"] for r in rows], "^-", label="RA (poisoned test)", alpha=0.7)
+    if rows and "defense_acc" in rows[0].metrics:
+        ax.plot(xs, [r.metrics["defense_acc"] for r in rows], "--", color="C0", alpha=0.6,
+                label="ACC (clean defense data)")
     if before is not None:
         ax.axhline(before["clean_acc"], color="C0", ls=":", lw=1, label="ACC before")
         ax.axhline(before["asr"], color="C1", ls=":", lw=1, label="ASR before")
-    if operating_point is not None and mode == "threshold":
+    if operating_point is not None and mode == "threshold":  # None: nothing pruned
         ax.axvline(operating_point, color="grey", ls="--", lw=1, label=f"operating point {operating_point}")
     ax.set_xlabel("pruning threshold (mask value)" if mode == "threshold" else "neurons pruned")
     ax.set_ylabel("rate")
@@ -182,40 +185,77 @@ def plot_pruning_curve(rows: list[PruningRow], mode: str, path: str, before: dic
 
 def prune_and_report(load_original: Callable[[], torch.nn.Module], values, *, mode: str, pruning_max: float,
                      pruning_step: float, save_threshold: float, evaluate: Callable[[torch.nn.Module], dict],
-                     output_dir: str, log: Callable[[str], None], title: str = "") -> dict:
+                     output_dir: str, log: Callable[[str], None], title: str = "",
+                     defense_accuracy: Callable[[torch.nn.Module], float] | None = None,
+                     operating_point: str = "fixed", max_acc_drop: float = 0.05) -> dict:
     """The whole pruning stage: sweep, ``pruning_by_<mode>.txt``, the operating point's
     ``pruned_model.th``, the curve as PNG. Returns the ``before``/``operating_point``/``rows`` metrics.
 
-    ``load_original()`` returns a fresh copy of the backdoored model each call. The operating
-    point is the fixed ``save_threshold`` (0.2 as in the papers' tables), never chosen on the
-    poisoned test set.
+    ``load_original()`` returns a fresh copy of the backdoored model each call. ``evaluate`` gives the
+    test-set metrics (reported only); ``defense_accuracy``, when given, the accuracy on the defender's
+    clean data, recorded for every row as ``defense_acc``. The operating point is either the fixed
+    ``save_threshold`` (``"fixed"``, 0.2 as in the papers' tables) or the rule of
+    :func:`defenses.operating_point.defense_accuracy_stop` (``"defense-acc"``, which needs
+    ``defense_accuracy``). Neither looks at the poisoned test set.
     """
     from utils.checkpoint import atomic_save, plain_state_dict
 
+    from .operating_point import OPERATING_POINTS, defense_accuracy_stop
+
+    if operating_point not in OPERATING_POINTS:
+        raise UserError(f"--operating-point: expected one of {', '.join(OPERATING_POINTS)}, got {operating_point!r}")
+    if operating_point == "defense-acc" and defense_accuracy is None:
+        raise ValueError("operating_point 'defense-acc' needs defense_accuracy")
+    measure = evaluate
+    if defense_accuracy is not None:
+        measure = lambda m: {**evaluate(m), "defense_acc": defense_accuracy(m)}  # noqa: E731
     model = load_original()
     check_mask_values_fit(model, values)
-    before = evaluate(model)
+    before = measure(model)
     log(PRUNING_HEADER)
     log(f"0 \t None \t None \t {before['poison_loss']:.4f} \t {before['asr']:.4f} \t "
         f"{before['clean_loss']:.4f} \t {before['clean_acc']:.4f}")
-    rows = prune_sweep(model, values, mode, pruning_max, pruning_step, evaluate,
+    rows = prune_sweep(model, values, mode, pruning_max, pruning_step, measure,
                        on_row=lambda row: log(row.line(mode)))
     write_pruning_file(rows, mode, os.path.join(output_dir, f"pruning_by_{mode}.txt"))
+    if defense_accuracy is not None:
+        log("clean defense-data accuracy along the sweep: " + ", ".join(
+            f"{r.value:g}: {r.metrics['defense_acc']:.4f}" for r in rows) + f" (unpruned {before['defense_acc']:.4f})")
 
     purified = load_original()
-    pruned = prune_to_threshold(purified, values, save_threshold)
-    after = evaluate(purified)
+    if operating_point == "fixed":
+        threshold = save_threshold
+        pruned = prune_to_threshold(purified, values, save_threshold)
+        rule = f"fixed threshold {save_threshold}"
+    else:
+        index = defense_accuracy_stop(rows, before["defense_acc"], max_acc_drop)
+        if index is None:
+            log(f"warning: already the first row of the sweep loses more than {max_acc_drop} of defense-data "
+                f"accuracy; the operating point is the unpruned model")
+            threshold, pruned = None, 0
+        else:
+            threshold, pruned = rows[index].value, rows[index].pruned
+        for layer, idx, _ in sort_by_mask(values)[:pruned]:
+            prune_neuron(purified, layer, idx)
+        kept = before["defense_acc"] if index is None else rows[index].metrics["defense_acc"]
+        rule = (f"defense-data accuracy within {max_acc_drop} of the unpruned model's "
+                f"({kept:.4f} vs {before['defense_acc']:.4f})")
+    after = measure(purified)
     atomic_save(plain_state_dict(purified), os.path.join(output_dir, "pruned_model.th"))
-    log(f"operating point: threshold {save_threshold}, {pruned} neurons pruned: ACC {after['clean_acc']:.4f} "
+    log(f"operating point ({rule}): threshold {threshold}, {pruned} neurons pruned: ACC {after['clean_acc']:.4f} "
         f"ASR {after['asr']:.4f} RA {after['ra']:.4f} (before: ACC {before['clean_acc']:.4f} "
         f"ASR {before['asr']:.4f} RA {before['ra']:.4f})")
     plot_pruning_curve(rows, mode, os.path.join(output_dir, f"pruning_by_{mode}.png"), before,
-                       save_threshold, title)
-    summary = lambda m: {k: m[k] for k in ("clean_acc", "asr", "ra", "clean_loss", "poison_loss")}  # noqa: E731
+                       threshold, title)
+    keys = ("clean_acc", "asr", "ra", "clean_loss", "poison_loss", "defense_acc")
+    summary = lambda m: {k: m[k] for k in keys if k in m}  # noqa: E731
+    point = {**summary(after), "threshold": threshold, "neurons_pruned": pruned, "neurons_total": len(values),
+             "rule": operating_point}
+    if operating_point == "defense-acc":
+        point["max_acc_drop"] = max_acc_drop
     return {
         "before": summary(before),
-        "operating_point": {**summary(after), "threshold": save_threshold, "neurons_pruned": pruned,
-                            "neurons_total": len(values)},
+        "operating_point": point,
         "rows": [{"pruned": r.pruned, "layer": r.layer, "neuron": r.idx, "value": r.value, **summary(r.metrics)}
                  for r in rows],
     }

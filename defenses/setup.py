@@ -12,7 +12,7 @@ from data.attacks import Attack
 from data.trigger_info import load_trigger_info
 from utils.device import Runtime
 from utils.errors import UserError
-from utils.evaluation import EvalSets
+from utils.evaluation import EvalSets, loss_and_accuracy, predict
 
 
 @dataclass
@@ -103,3 +103,9 @@ def make_model(arch: str, spec: DatasetSpec, width: int, masked: bool, runtime: 
 
 def model_description(arch: str, width: int, spec: DatasetSpec) -> str:
     return f"--arch {arch} --width {width} with {spec.num_classes} classes and {spec.image_shape[2]} input channels"
+
+
+def defense_accuracy(model: torch.nn.Module, data: DefenseData, autocast=None) -> float:
+    """Accuracy on the defender's clean data (unaugmented): what a defender can measure."""
+    logits = predict(model, data.defense_images, data.transform.normalize, autocast=autocast)
+    return loss_and_accuracy(logits, data.defense_labels)[1]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from data import ATTACKS, AUGMENTATIONS
+from defenses.operating_point import OPERATING_POINTS
 from utils.errors import UserError
 
 
@@ -22,3 +23,17 @@ def add_augment_arg(parser) -> None:
     parser.add_argument("--augment", default=None, choices=list(AUGMENTATIONS),
                         help="augmentation of the defense data (default: the training augmentation recorded in "
                              "the trigger info, else the dataset's: crop-flip for CIFAR-10 and Fashion-MNIST)")
+
+
+def add_operating_point_args(parser, snake_case_too: bool = False) -> None:
+    """``--operating-point`` and ``--max-acc-drop`` (RNP also accepts ``--operating_point``, ``--max_acc_drop``)."""
+    options = [
+        ("operating-point", dict(default="fixed", choices=OPERATING_POINTS,
+                                 help="fixed: prune at --save-threshold (the papers' 0.2, default); defense-acc: "
+                                      "prune as far along the sweep as the clean defense data's accuracy stays "
+                                      "within --max-acc-drop of the unpruned model's")),
+        ("max-acc-drop", dict(type=float, default=0.05, help="accuracy drop allowed by --operating-point defense-acc")),
+    ]
+    for name, kwargs in options:
+        names = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if snake_case_too else [])
+        parser.add_argument(*names, dest=name.replace("-", "_"), **kwargs)

@@ -83,3 +83,58 @@ def test_sweep_by_number():
                                                                   "asr": 0, "ra": 0})
     assert [r.pruned for r in rows] == [2, 4, 6] and rows[-1].idx == 5
     assert (model.bn1.weight[:6] == 0).all() and (model.bn1.weight[6:8] != 0).all()
+
+
+def _report(tmp_path, values, operating_point, max_acc_drop=0.05, defense=None):
+    from defenses.pruning import prune_and_report
+
+    torch.manual_seed(0)
+    original = create_model("resnet18", 10, 3, 8).state_dict()
+
+    def load():
+        model = create_model("resnet18", 10, 3, 8)
+        model.load_state_dict(original)
+        return model
+
+    def zeros(m):
+        return int((m.bn1.weight == 0).sum())
+
+    test = lambda m: {"clean_loss": 0.0, "clean_acc": 0.9, "poison_loss": 0.0, "asr": 1.0 - 0.1 * zeros(m), "ra": 0.0}
+    defense = defense or (lambda m: 0.9 - 0.02 * zeros(m))
+    logs = []
+    result = prune_and_report(load, values, mode="threshold", pruning_max=0.9, pruning_step=0.05, save_threshold=0.2,
+                              evaluate=test, output_dir=str(tmp_path), log=logs.append, defense_accuracy=defense,
+                              operating_point=operating_point, max_acc_drop=max_acc_drop)
+    pruned = torch.load(tmp_path / "pruned_model.th", weights_only=True)
+    return result, int((pruned["bn1.weight"] == 0).sum()), logs
+
+
+def test_operating_point_by_defense_accuracy(tmp_path):
+    values = [("bn1", i, v) for i, v in enumerate([0.0, 0.12, 0.33, 0.41, 0.6, 0.95])]
+    # Fixed: the papers' threshold 0.2 prunes the two neurons under it.
+    fixed, zeroed, _ = _report(tmp_path, values, "fixed")
+    assert fixed["operating_point"]["threshold"] == 0.2 and fixed["operating_point"]["neurons_pruned"] == 2 == zeroed
+    assert fixed["before"]["defense_acc"] == pytest.approx(0.9) and "defense_acc" in fixed["rows"][0]
+    # defense-acc with 0.05: 3 pruned keeps 0.84 >= 0.85? no -> stop at the last row with 2 pruned (threshold 0.3).
+    rule, zeroed, _ = _report(tmp_path, values, "defense-acc")
+    point = rule["operating_point"]
+    assert (point["threshold"], point["neurons_pruned"], zeroed, point["rule"]) == (pytest.approx(0.3), 2, 2,
+                                                                                   "defense-acc")
+    # A looser budget goes further along the sweep: 0.1 allows 5 pruned (0.80), not 6 (0.78).
+    loose, zeroed, _ = _report(tmp_path, values, "defense-acc", max_acc_drop=0.1)
+    assert loose["operating_point"]["neurons_pruned"] == 5 == zeroed
+    assert loose["operating_point"]["threshold"] == pytest.approx(0.9)
+
+
+def test_operating_point_stops_at_the_first_drop_and_may_prune_nothing(tmp_path):
+    values = [("bn1", i, v) for i, v in enumerate([0.0, 0.12, 0.33, 0.41])]
+    # Accuracy dips when the third neuron goes and recovers later: the rule stops at the dip.
+    dip = lambda m: {0: 0.9, 1: 0.9, 2: 0.89, 3: 0.7, 4: 0.9}[int((m.bn1.weight == 0).sum())]  # noqa: E731
+    result, zeroed, _ = _report(tmp_path, values, "defense-acc", defense=dip)
+    assert result["operating_point"]["neurons_pruned"] == 2 == zeroed
+    # Even the first row loses too much: nothing is pruned, and the log says so.
+    bad = lambda m: 0.9 if int((m.bn1.weight == 0).sum()) == 0 else 0.5  # noqa: E731
+    result, zeroed, logs = _report(tmp_path, values, "defense-acc", defense=bad)
+    assert result["operating_point"]["neurons_pruned"] == 0 == zeroed and result["operating_point"]["threshold"] is None
+    assert result["operating_point"]["asr"] == result["before"]["asr"]
+    assert any("warning" in line for line in logs)

@@ -69,7 +69,7 @@ def test_anp_artifacts_and_asr_lowered(pipeline):
     metrics = json.loads((folder / "metrics.json").read_text())
     before, point = metrics["before"], metrics["operating_point"]
     assert before["asr"] == pytest.approx(pipeline["stage1"]["asr"])
-    assert point["threshold"] == 0.2 and point["neurons_pruned"] >= 1
+    assert point["threshold"] == 0.2 and point["neurons_pruned"] >= 1 and point["rule"] == "fixed"
     # ANP lowers the ASR: somewhere on the sweep, with clean accuracy kept within 15 points.
     kept = [r for r in metrics["rows"] if r["clean_acc"] >= before["clean_acc"] - 0.15]
     assert min(r["asr"] for r in kept) < before["asr"] - 0.05
@@ -77,6 +77,16 @@ def test_anp_artifacts_and_asr_lowered(pipeline):
     pruned = torch.load(folder / "pruned_model.th", weights_only=True)
     zero = sum(int((v == 0).sum()) for k, v in pruned.items() if k.endswith("weight") and v.dim() == 1)
     assert zero >= point["neurons_pruned"]
+    # The clean-data rule for the operating point, opt-in.
+    data, anp = pipeline["data"], ["--checkpoint", pipeline["ckpt"], "--trigger-info", pipeline["info"]]
+    rule = prune_neuron_cifar.main(prune_neuron_cifar.parse_args(
+        COMMON + data + anp + ["--mask-file", str(folder / "mask_values.txt"), "--output-dir", str(folder / "rule"),
+                               "--operating-point", "defense-acc", "--max-acc-drop", "0.05", "--val-frac", "0.05"]))
+    point, before = rule["operating_point"], rule["before"]
+    assert point["rule"] == "defense-acc" and point["max_acc_drop"] == 0.05
+    assert point["defense_acc"] >= before["defense_acc"] - 0.05
+    assert point["threshold"] is None or any(r["value"] == point["threshold"] and r["pruned"] == point["neurons_pruned"]
+                                             for r in rule["rows"])
 
 
 def test_rnp_one_command_and_resume(pipeline):
