@@ -237,9 +237,11 @@ def prune_and_report(load_original: Callable[[], torch.nn.Module], values, *, mo
             threshold, pruned = rows[index].value, rows[index].pruned
         for layer, idx, _ in sort_by_mask(values)[:pruned]:
             prune_neuron(purified, layer, idx)
-        kept = before["defense_acc"] if index is None else rows[index].metrics["defense_acc"]
-        rule = (f"defense-data accuracy within {max_acc_drop} of the unpruned model's "
-                f"({kept:.4f} vs {before['defense_acc']:.4f})")
+        if index is None:
+            rule = f"no sweep row keeps the defense-data accuracy within {max_acc_drop} of {before['defense_acc']:.4f}"
+        else:
+            rule = (f"defense-data accuracy within {max_acc_drop} of the unpruned model's "
+                    f"({rows[index].metrics['defense_acc']:.4f} vs {before['defense_acc']:.4f})")
     after = measure(purified)
     atomic_save(plain_state_dict(purified), os.path.join(output_dir, "pruned_model.th"))
     log(f"operating point ({rule}): threshold {threshold}, {pruned} neurons pruned: ACC {after['clean_acc']:.4f} "
