@@ -244,7 +244,8 @@ def prune_and_report(load_original: Callable[[], torch.nn.Module], values, *, mo
                     f"({rows[index].metrics['defense_acc']:.4f} vs {before['defense_acc']:.4f})")
     after = measure(purified)
     atomic_save(plain_state_dict(purified), os.path.join(output_dir, "pruned_model.th"))
-    log(f"operating point ({rule}): threshold {threshold}, {pruned} neurons pruned: ACC {after['clean_acc']:.4f} "
+    shown = "none" if threshold is None else f"{threshold:g}"
+    log(f"operating point ({rule}): threshold {shown}, {pruned} neurons pruned: ACC {after['clean_acc']:.4f} "
         f"ASR {after['asr']:.4f} RA {after['ra']:.4f} (before: ACC {before['clean_acc']:.4f} "
         f"ASR {before['asr']:.4f} RA {before['ra']:.4f})")
     plot_pruning_curve(rows, mode, os.path.join(output_dir, f"pruning_by_{mode}.png"), before,
