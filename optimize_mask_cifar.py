@@ -61,8 +61,8 @@ def main(args) -> dict:
         return backdoor_metrics(m, data.eval_sets, data.transform.normalize, autocast=runtime.autocast)
 
     before = evaluate(model)
-    log(f"{data.spec.name}, {len(data.defense_labels)} clean defense images ({data.augmentation}); before: ACC {before['clean_acc']:.4f} "
-        f"ASR {before['asr']:.4f} RA {before['ra']:.4f}")
+    log(f"{data.spec.name}, {len(data.defense_labels)} clean defense images ({data.augmentation}); "
+        f"before: ACC {before['clean_acc']:.4f} ASR {before['asr']:.4f} RA {before['ra']:.4f}")
     log("Iter \t lr \t Time \t TrainLoss \t TrainACC \t PoisonLoss \t PoisonACC \t CleanLoss \t CleanACC")
     timer, reports = Timer(), []
 

@@ -170,7 +170,8 @@ def main(args) -> dict:
                                operating_point=args.operating_point, max_acc_drop=args.max_acc_drop)
     timings["prune_seconds"] = phase_timer()
     metrics = {**run_metadata(args, runtime), **results, "augmentation": data.augmentation,
-               "unlearning": unlearn_summary, "unlearning_epochs": unlearning, "recovering_epochs": recovering, "timings": timings}
+               "unlearning": unlearn_summary, "unlearning_epochs": unlearning, "recovering_epochs": recovering,
+               "timings": timings}
     write_metrics(os.path.join(args.log_root, "metrics.json"), metrics)
     log.close()
     return metrics

@@ -110,8 +110,8 @@ def main(args) -> dict:
 
     final = history[-1]
     metrics = {**run_metadata(args, runtime), "attack": attack.name, "poison_target": attack.target,
-               "poisoned_images": len(local), "augmentation": augmentation, "clean_acc": final["clean_acc"], "asr": final["asr"],
-               "ra": final["ra"], "timings": {"train_seconds": timer()}, "epochs": history}
+               "poisoned_images": len(local), "augmentation": augmentation, "clean_acc": final["clean_acc"],
+               "asr": final["asr"], "ra": final["ra"], "timings": {"train_seconds": timer()}, "epochs": history}
     write_metrics(os.path.join(args.output_dir, "metrics.json"), metrics)
     log(f"final: ACC {final['clean_acc']:.4f} ASR {final['asr']:.4f} RA {final['ra']:.4f} "
         f"({timer():.0f} s); model in {os.path.join(args.output_dir, 'last_model.th')}")

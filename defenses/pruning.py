@@ -15,6 +15,8 @@ import torch
 from utils.checkpoint import atomic_write_text
 from utils.errors import UserError
 
+from .operating_point import OPERATING_POINTS, defense_accuracy_stop
+
 MASK_HEADER = "No \t Layer Name \t Neuron Idx \t Mask Score \n"
 PRUNING_HEADER = "No \t Layer Name \t Neuron Idx \t Mask \t PoisonLoss \t PoisonACC \t CleanLoss \t CleanACC"
 PRUNING_MODES = ("threshold", "number")
@@ -183,6 +185,22 @@ def plot_pruning_curve(rows: list[PruningRow], mode: str, path: str, before: dic
     os.replace(tmp, path)
 
 
+def _choose_operating_point(rows: list[PruningRow], values, before: dict, operating_point: str,
+                            save_threshold: float, max_acc_drop: float, log) -> tuple[float | None, int, str]:
+    """``(threshold, neurons to prune, description)`` of the operating point; threshold None: prune nothing."""
+    if operating_point == "fixed":
+        return save_threshold, sum(v <= save_threshold for _, _, v in values), f"fixed threshold {save_threshold}"
+    index = defense_accuracy_stop(rows, before["defense_acc"], max_acc_drop)
+    if index is None:
+        log(f"warning: already the first row of the sweep loses more than {max_acc_drop} of defense-data "
+            f"accuracy; the operating point is the unpruned model")
+        return None, 0, (f"no sweep row keeps the defense-data accuracy within {max_acc_drop} of "
+                         f"{before['defense_acc']:.4f}")
+    row = rows[index]
+    return row.value, row.pruned, (f"defense-data accuracy within {max_acc_drop} of the unpruned model's "
+                                   f"({row.metrics['defense_acc']:.4f} vs {before['defense_acc']:.4f})")
+
+
 def prune_and_report(load_original: Callable[[], torch.nn.Module], values, *, mode: str, pruning_max: float,
                      pruning_step: float, save_threshold: float, evaluate: Callable[[torch.nn.Module], dict],
                      output_dir: str, log: Callable[[str], None], title: str = "",
@@ -199,8 +217,6 @@ def prune_and_report(load_original: Callable[[], torch.nn.Module], values, *, mo
     ``defense_accuracy``). Neither looks at the poisoned test set.
     """
     from utils.checkpoint import atomic_save, plain_state_dict
-
-    from .operating_point import OPERATING_POINTS, defense_accuracy_stop
 
     if operating_point not in OPERATING_POINTS:
         raise UserError(f"--operating-point: expected one of {', '.join(OPERATING_POINTS)}, got {operating_point!r}")
@@ -222,26 +238,11 @@ def prune_and_report(load_original: Callable[[], torch.nn.Module], values, *, mo
         log("clean defense-data accuracy along the sweep: " + ", ".join(
             f"{r.value:g}: {r.metrics['defense_acc']:.4f}" for r in rows) + f" (unpruned {before['defense_acc']:.4f})")
 
+    threshold, pruned, rule = _choose_operating_point(rows, values, before, operating_point, save_threshold,
+                                                      max_acc_drop, log)
     purified = load_original()
-    if operating_point == "fixed":
-        threshold = save_threshold
-        pruned = prune_to_threshold(purified, values, save_threshold)
-        rule = f"fixed threshold {save_threshold}"
-    else:
-        index = defense_accuracy_stop(rows, before["defense_acc"], max_acc_drop)
-        if index is None:
-            log(f"warning: already the first row of the sweep loses more than {max_acc_drop} of defense-data "
-                f"accuracy; the operating point is the unpruned model")
-            threshold, pruned = None, 0
-        else:
-            threshold, pruned = rows[index].value, rows[index].pruned
-        for layer, idx, _ in sort_by_mask(values)[:pruned]:
-            prune_neuron(purified, layer, idx)
-        if index is None:
-            rule = f"no sweep row keeps the defense-data accuracy within {max_acc_drop} of {before['defense_acc']:.4f}"
-        else:
-            rule = (f"defense-data accuracy within {max_acc_drop} of the unpruned model's "
-                    f"({rows[index].metrics['defense_acc']:.4f} vs {before['defense_acc']:.4f})")
+    for layer, idx, _ in sort_by_mask(values)[:pruned]:  # mask <= threshold: the first ``pruned`` in mask order
+        prune_neuron(purified, layer, idx)
     after = measure(purified)
     atomic_save(plain_state_dict(purified), os.path.join(output_dir, "pruned_model.th"))
     shown = "none" if threshold is None else f"{threshold:g}"

@@ -76,7 +76,8 @@ def prepare_defense_data(*, dataset: str | None, data_dir: str, trigger_info_pat
     indices = defense_indices(permutation, val_frac)
     recorded = trigger_info.get("augmentation") if trigger_info else None
     if recorded is not None and recorded not in AUGMENTATIONS:
-        raise UserError(f"--trigger-info: unknown augmentation {recorded!r}; expected one of {', '.join(AUGMENTATIONS)}")
+        raise UserError(f"--trigger-info: unknown augmentation {recorded!r}; expected one of "
+                        f"{', '.join(AUGMENTATIONS)}")
     augmentation = augment or recorded or default_augmentation(spec.hflip)
     transform = BatchTransform.named(augmentation, spec.mean, spec.std, runtime.device,
                                      channels_last=runtime.channels_last)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import AUGMENTATIONS, BatchTransform, attacker_indices, defense_indices, held_out_indices, load_dataset, split_permutation
+from data import (AUGMENTATIONS, BatchTransform, attacker_indices, defense_indices, held_out_indices, load_dataset,
+                  split_permutation)
 from data.cifar_format import read_cifar10, write_cifar10
 from data.datasets import DEBIAN_FASHION_MNIST, get_spec
 from data.idx_format import read_idx_dataset, write_idx
