@@ -34,11 +34,75 @@ class ANPConfig:
     project_noise: bool = False  # original: no projection back into [-eps, eps]
 
 
+BN_MODES = ("train", "eval")
+
+
 def _freeze_all_but_masks_and_noise(model: torch.nn.Module) -> None:
     """Only masks and perturbations need gradients (about 1.4× faster than the original)."""
     keep = {id(p) for p in mask_parameters(model) + noise_parameters(model)}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
+
+
+def make_optimizers(model: torch.nn.Module, config: ANPConfig):
+    """``(mask optimiser, perturbation optimiser)`` as the original: SGD on the masks (lr, momentum 0.9)
+    and plain SGD on the perturbations with lr eps/steps, so ``steps`` signed steps span eps."""
+    mask_opt = torch.optim.SGD(mask_parameters(model), lr=config.lr, momentum=0.9)
+    noise_opt = torch.optim.SGD(noise_parameters(model), lr=config.anp_eps / max(config.anp_steps, 1))
+    return mask_opt, noise_opt
+
+
+def perturb_neurons(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, noise_opt: torch.optim.Optimizer,
+                    config: ANPConfig, autocast) -> None:
+    """``anp_steps`` signed-gradient *ascent* steps on the perturbed model's cross-entropy, starting from
+    the perturbation the layers hold now (``neuron_noise`` and ``neuron_noise_bias`` both move)."""
+    noise_params = [p for group in noise_opt.param_groups for p in group["params"]]
+    for _ in range(config.anp_steps):
+        set_perturbation(model, True)
+        with autocast():
+            loss_noise = -F.cross_entropy(model(x), y)  # descending on -CE is ascending on CE
+        noise_opt.zero_grad(set_to_none=True)
+        loss_noise.backward()
+        for p in noise_params:  # the original steps along the gradient's sign, not the gradient
+            p.grad = torch.sign(p.grad)
+        noise_opt.step()
+        if config.project_noise:
+            with torch.no_grad():
+                for p in noise_params:
+                    p.clamp_(-config.anp_eps, config.anp_eps)
+
+
+def mask_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask_opt: torch.optim.Optimizer,
+              config: ANPConfig, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """One mask update on alpha·CE(unperturbed) + (1 − alpha)·CE(perturbed, with the perturbation the
+    layers hold now; the term is dropped when eps = 0), then masks clipped to [0, 1].
+    Returns ``(loss, unperturbed logits)``, detached."""
+    mask_opt.zero_grad(set_to_none=True)
+    with autocast():
+        if config.anp_eps > 0.0:
+            set_perturbation(model, True)
+            loss_rob = F.cross_entropy(model(x), y)
+        else:
+            loss_rob = 0.0
+        set_perturbation(model, False)
+        logits = model(x)
+        loss_nat = F.cross_entropy(logits, y)
+        loss = config.anp_alpha * loss_nat + (1 - config.anp_alpha) * loss_rob
+    loss.backward()
+    mask_opt.step()
+    clip_masks(model)
+    return loss.detach(), logits.detach()
+
+
+def anp_iteration(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask_opt: torch.optim.Optimizer,
+                  noise_opt: torch.optim.Optimizer, config: ANPConfig, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ANP iteration on a batch: random perturbation in [-eps, eps] (global RNG), its signed ascent
+    steps, then the mask step; BatchNorm in ``config.bn_mode``. Returns ``mask_step``'s result."""
+    model.train(config.bn_mode == "train")
+    if config.anp_eps > 0.0:
+        reset_perturbation(model, rand_init=True, eps=config.anp_eps)
+        perturb_neurons(model, x, y, noise_opt, config, autocast)
+    return mask_step(model, x, y, mask_opt, config, autocast)
 
 
 def optimize_masks(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, augment: Callable,
@@ -49,11 +113,10 @@ def optimize_masks(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     ``on_report(iteration, train_stats)`` is called every ``config.print_every`` iterations and at
     the end with the mean train loss and accuracy since the previous report.
     """
+    if config.bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {config.bn_mode!r}")
     _freeze_all_but_masks_and_noise(model)
-    mask_opt = torch.optim.SGD(mask_parameters(model), lr=config.lr, momentum=0.9)
-    noise_params = noise_parameters(model)
-    noise_opt = torch.optim.SGD(noise_params, lr=config.anp_eps / max(config.anp_steps, 1))
-    model.train(config.bn_mode == "train")
+    mask_opt, noise_opt = make_optimizers(model, config)
     device = images.device
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -62,41 +125,8 @@ def optimize_masks(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
         # Batches drawn with replacement, as the original's RandomSampler(replacement=True).
         idx = torch.randint(0, len(labels), (config.batch_size,), generator=generator).to(device)
         x, y = augment(images[idx]), labels[idx]
-
-        # Step 1: adversarial neuron perturbation.
-        if config.anp_eps > 0.0:
-            reset_perturbation(model, rand_init=True, eps=config.anp_eps)
-            for _ in range(config.anp_steps):
-                set_perturbation(model, True)
-                with autocast():
-                    loss_noise = -F.cross_entropy(model(x), y)
-                noise_opt.zero_grad(set_to_none=True)
-                loss_noise.backward()
-                for p in noise_params:  # signed gradient
-                    p.grad = torch.sign(p.grad)
-                noise_opt.step()
-                if config.project_noise:
-                    with torch.no_grad():
-                        for p in noise_params:
-                            p.clamp_(-config.anp_eps, config.anp_eps)
-
-        # Step 2: mask update on natural + robust loss.
-        mask_opt.zero_grad(set_to_none=True)
-        with autocast():
-            if config.anp_eps > 0.0:
-                set_perturbation(model, True)
-                loss_rob = F.cross_entropy(model(x), y)
-            else:
-                loss_rob = 0.0
-            set_perturbation(model, False)
-            logits = model(x)
-            loss_nat = F.cross_entropy(logits, y)
-            loss = config.anp_alpha * loss_nat + (1 - config.anp_alpha) * loss_rob
-        loss.backward()
-        mask_opt.step()
-        clip_masks(model)
-
-        total_loss += loss.detach().float()
+        loss, logits = anp_iteration(model, x, y, mask_opt, noise_opt, config, autocast)
+        total_loss += loss.float()
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         if on_report is not None and (it % config.print_every == 0 or it == config.nb_iter):
@@ -104,7 +134,6 @@ def optimize_masks(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
                      "train_acc": correct.item() / max(seen, 1)}
             set_perturbation(model, False)
             on_report(it, stats)
-            model.train(config.bn_mode == "train")
             total_loss.zero_()
             correct.zero_()
             seen = 0

@@ -17,7 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread, whatever OMP_NUM_THREADS says: the thread count changes the floating-point
+# summation order, and a few SGD steps on a narrow network amplify that into visibly different models
+# (golden files at 1e-4, outcome checks). With one thread every numeric verdict is the same on a
+# 1-core and a 2-core machine.
+torch.set_num_threads(1)
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]], dtype=np.float32)
@@ -41,6 +45,16 @@ def write_tiny_cifar(root: str, n_train: int = 2000, n_test: int = 500, seed: in
     test_labels = rng.integers(0, 10, n_test)
     write_cifar10(root, make_images(train_labels, rng), train_labels, make_images(test_labels, rng), test_labels)
     return root
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite tests/golden/*.txt from this run instead of comparing against them")
+
+
+@pytest.fixture(scope="session")
+def update_golden(request) -> bool:
+    return request.config.getoption("--update-golden")
 
 
 @pytest.fixture(scope="session")

@@ -34,9 +34,19 @@ def test_blend_formula_and_fixed_pattern():
     assert torch.equal(attack.pattern, again.pattern)  # fixed seed
     images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
     out = attack.apply(images)
-    expected = torch.floor(0.8 * images.double() + 0.2 * attack.pattern.double() + 1e-6)
-    assert (out.double() - expected).abs().max() <= 1
+    # Truncated like the original's astype(np.uint8), exactly: floor(0.8·x + 0.2·p) = (4x + p) // 5.
+    expected = (4 * images.long() + attack.pattern.long()) // 5
+    assert torch.equal(out.long(), expected)
     assert torch.equal(out, attack.apply(images))
+
+
+def test_blend_truncation_is_exact_for_every_pixel_pair():
+    """Every (image, pattern) grey-level pair at alpha 0.2: no off-by-one from rounding error."""
+    attack = build_attack("blend", 0, 10, (256, 256, 1), alpha=0.2)
+    attack.pattern = torch.arange(256, dtype=torch.uint8).view(1, 256, 1).expand(256, 256, 1).contiguous()
+    images = torch.arange(256, dtype=torch.uint8).view(1, 256, 1, 1).expand(1, 256, 256, 1)
+    expected = (4 * images.long() + attack.pattern.long()) // 5
+    assert torch.equal(attack.apply(images).long(), expected)
 
 
 def test_poison_counts_and_labels_non_target_rule():
@@ -54,6 +64,19 @@ def test_poison_counts_and_labels_non_target_rule():
     assert (poisoned_images[idx, -1, -1, 0] == 255).all()
     all_rule = choose_poison_indices(labels, 0.1, attack, torch.Generator().manual_seed(0), candidates="all")
     assert len(all_rule) == 100  # RNP's rule: rate × all images
+
+
+def test_all_to_all_training_relabel():
+    labels = torch.arange(200) % 10
+    images = torch.zeros(200, 8, 8, 3, dtype=torch.uint8)
+    attack = build_attack("badnets", 0, 10, (8, 8, 3), alpha=1.0, target_type="all2all")
+    idx = choose_poison_indices(labels, 0.1, attack, torch.Generator().manual_seed(0))
+    assert len(idx) == 20 and (labels[idx] == 0).any()  # every class is a candidate, the "target" too
+    _, poisoned_labels = poison_training_set(images, labels, attack, idx)
+    assert torch.equal(poisoned_labels[idx], (labels[idx] + 1) % 10)
+    rest = torch.ones(200, dtype=torch.bool)
+    rest[idx] = False
+    assert torch.equal(poisoned_labels[rest], labels[rest])
 
 
 def test_poison_choice_is_seeded():

@@ -30,20 +30,25 @@ def test_checkpoint_wrappers_load(tmp_path, wrap):
     assert (target.bn1.neuron_mask == 1).all() and (target.bn1.neuron_noise == 0).all()
 
 
-@pytest.mark.parametrize("other", [dict(width=16), dict(classes=5)])
-def test_mismatch_is_one_line_user_error(tmp_path, other):
+@pytest.mark.parametrize("other,names", [(dict(width=16), ["conv1.weight (8, 3, 3, 3) vs (16, 3, 3, 3)"]),
+                                         (dict(classes=5), ["linear.weight (10, 64) vs (5, 64)"])])
+def test_mismatch_is_one_line_user_error_naming_the_keys(tmp_path, other, names):
     path = tmp_path / "m.th"
     torch.save(_model().state_dict(), path)
     with pytest.raises(UserError) as err:
         load_model_checkpoint(_model(**other), str(path), "--arch resnet18 --width X")
-    assert "\n" not in str(err.value) and "--checkpoint" in str(err.value)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--checkpoint:") and "shape mismatch" in message
+    assert all(name in message for name in names), message
 
 
 def test_wrong_arch_and_missing_and_garbage(tmp_path):
     path = tmp_path / "m.th"
     torch.save(_model().state_dict(), path)
-    with pytest.raises(UserError, match="missing|unexpected"):
+    with pytest.raises(UserError) as err:
         load_model_checkpoint(create_model("vgg19_bn", 10, 3, 8), str(path), "vgg19_bn")
+    message = str(err.value)  # a few of the keys on each side, by name
+    assert "missing features.0.weight" in message and "unexpected conv1.weight" in message, message
     with pytest.raises(UserError, match="does not exist"):
         load_model_checkpoint(_model(), str(tmp_path / "none.th"), "resnet18")
     (tmp_path / "junk.th").write_bytes(b"not a checkpoint")

@@ -1,10 +1,11 @@
-"""ANP mask optimisation and RNP's unlearning / recovery on a handful of images."""
+"""ANP mask optimisation on a real (narrow) ResNet-18 and a handful of images.
+
+Step-level checks of ANP and RNP against the spec are in test_anp_steps.py and test_rnp_steps.py."""
 import pytest
 import torch
 
 from data import BatchTransform
 from defenses.anp import ANPConfig, optimize_masks
-from defenses.rnp import RNPConfig, recover_masks, unlearn
 from models import create_model, is_mask_parameter, mask_parameters
 from utils.device import make_runtime
 
@@ -57,44 +58,3 @@ def test_anp_perturbation_is_not_projected_by_default(monkeypatch):
         optimize_masks(model, images, labels, t.augment, ANPConfig(nb_iter=1, batch_size=16, project_noise=project),
                        RUNTIME.autocast, None, torch.Generator().manual_seed(0), progress=False)
         assert check(seen["max_noise"])
-
-
-def test_unlearning_stop_rule_epoch_and_batch():
-    images, labels, t = _data()
-    # A threshold of 1.0 is always met: stop after the first epoch (or the first batch).
-    model = create_model("resnet18", 4, 3, 8)
-    epochs = []
-    result = unlearn(model, images, labels, t.augment, RNPConfig(batch_size=8, clean_threshold=1.0,
-                     unlearning_epochs=5), RUNTIME.autocast, lambda e, lr, s: epochs.append(e), progress=False)
-    assert result.stopped and result.epochs_run == 1 and epochs == [1]
-    result = unlearn(create_model("resnet18", 4, 3, 8), images, labels, t.augment,
-                     RNPConfig(batch_size=8, clean_threshold=1.0, unlearning_epochs=5, stop_check="batch"),
-                     RUNTIME.autocast, progress=False)
-    assert result.stopped and result.epochs_run == 1
-    # A threshold below 0 is never met: run every epoch, report not stopped.
-    result = unlearn(create_model("resnet18", 4, 3, 8), images, labels, t.augment,
-                     RNPConfig(batch_size=8, clean_threshold=-1.0, unlearning_epochs=3), RUNTIME.autocast,
-                     progress=False)
-    assert not result.stopped and result.epochs_run == 3
-
-
-def test_unlearning_raises_the_clean_loss():
-    images, labels, t = _data(64)
-    model = create_model("resnet18", 4, 3, 8)
-    losses = []
-    unlearn(model, images, labels, t.augment, RNPConfig(batch_size=16, clean_threshold=-1, unlearning_epochs=4,
-            unlearning_lr=0.05), RUNTIME.autocast, lambda e, lr, s: losses.append(s["train_loss"]), progress=False)
-    assert losses[-1] > losses[0]
-
-
-def test_recovery_changes_only_masks_in_range():
-    images, labels, t = _data()
-    model = create_model("resnet18", 4, 3, 8, masked=True)
-    before = _params(model)
-    recover_masks(model, images, labels, t.augment, RNPConfig(batch_size=16, recovering_epochs=3),
-                  RUNTIME.autocast, progress=False)
-    masks = torch.cat([p.detach() for p in mask_parameters(model)])
-    assert masks.min() >= 0 and masks.max() <= 1 and (masks < 1).any()
-    for k, v in model.named_parameters():
-        if not k.endswith("neuron_mask"):
-            assert torch.equal(v, before[k]), k

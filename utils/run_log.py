@@ -14,19 +14,31 @@ from .device import make_runtime, seed_everything
 
 
 class RunLog:
-    """Print a line and append it to ``output.log`` in the run directory."""
+    """Print a line and add it to ``output.log`` in the run directory.
+
+    Every call rewrites the whole log atomically (temporary file, then rename), so an interrupted run
+    never leaves a half-written line; logs are a few hundred lines, so this costs nothing. A log that
+    is already there is kept and continued, as the original tools' append mode does (ANP's stages 2
+    and 3 share one folder).
+    """
 
     def __init__(self, output_dir: str, filename: str = "output.log"):
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, filename)
-        self._file = open(self.path, "a", buffering=1)
+        self._text = ""
+        if os.path.isfile(self.path):
+            with open(self.path, errors="replace") as f:
+                self._text = f.read()
+            if self._text and not self._text.endswith("\n"):
+                self._text += "\n"
 
     def __call__(self, line: str = "") -> None:
         print(line, flush=True)
-        self._file.write(line + "\n")
+        self._text += line + "\n"
+        atomic_write_text(self._text, self.path)
 
     def close(self) -> None:
-        self._file.close()
+        """Nothing is held open; kept so scripts can say where a run's log ends."""
 
 
 def start_run(args, output_dir: str):

@@ -1,0 +1,181 @@
+"""Introduce each known regression by hand, run the tests that should catch it, report which did.
+
+Every mutation is one exact text replacement in one source file. For each: check that the original
+text is still there (otherwise the mutation is reported *stale*: the code moved, update the list),
+apply it, run pytest on the named tests, restore the file (also on Ctrl-C), and record the failing
+tests. A mutation that no test catches is a hole in the suite. Not part of CI (it runs the suite
+once per mutation); run it after refactoring the algorithms:
+
+    python scripts/check_mutations.py            # all, about 10-15 minutes on 2 cores
+    python scripts/check_mutations.py anp-sign   # one by name
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Mutation:
+    name: str
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+STEPS_ANP = ("tests/test_anp_steps.py",)
+STEPS_RNP = ("tests/test_rnp_steps.py",)
+RNP_E2E = ("tests/test_scripts.py::test_rnp_one_command",
+           "tests/test_scripts.py::test_rnp_resume_from_an_unlearned_model_recovers_on_that_model",
+           "tests/test_scripts.py::test_rnp_resume_from_a_mask_file_prunes_by_that_file")
+GOLDEN = ("tests/test_golden.py",)
+OUTCOME = ("tests/test_scripts.py::test_anp_saved_operating_point", "tests/test_scripts.py::test_rnp_one_command")
+
+MUTATIONS = [
+    Mutation("anp-weights-swapped", "ANP: natural and robust loss weights swapped", "defenses/anp.py",
+             "loss = config.anp_alpha * loss_nat + (1 - config.anp_alpha) * loss_rob",
+             "loss = (1 - config.anp_alpha) * loss_nat + config.anp_alpha * loss_rob", STEPS_ANP),
+    Mutation("anp-descent", "ANP: descent step on the perturbation instead of ascent", "defenses/anp.py",
+             "loss_noise = -F.cross_entropy(model(x), y)", "loss_noise = F.cross_entropy(model(x), y)", STEPS_ANP),
+    Mutation("anp-raw-gradient", "ANP: raw gradient instead of its sign", "defenses/anp.py",
+             "p.grad = torch.sign(p.grad)", "p.grad = p.grad", STEPS_ANP),
+    Mutation("anp-robust-unperturbed", "ANP: robust loss computed without the perturbation", "defenses/anp.py",
+             "            set_perturbation(model, True)\n            loss_rob",
+             "            set_perturbation(model, False)\n            loss_rob", STEPS_ANP),
+    Mutation("anp-noise-bias-not-optimised", "ANP: neuron_noise_bias never moving (not optimised)",
+             "models/masked_batchnorm.py", "for p in (m.neuron_noise, m.neuron_noise_bias)]",
+             "for p in (m.neuron_noise,)]", STEPS_ANP),
+    Mutation("anp-noise-bias-not-used", "ANP: neuron_noise_bias never moving (not in the forward)",
+             "models/masked_batchnorm.py", "bias = self.bias * (1.0 + self.neuron_noise_bias)", "bias = self.bias",
+             STEPS_ANP),
+    Mutation("anp-bn-mode-ignored", "ANP: --bn-mode has no effect (step always in train mode)", "defenses/anp.py",
+             "    model.train(config.bn_mode == \"train\")\n    if config.anp_eps",
+             "    model.train(True)\n    if config.anp_eps", STEPS_ANP),
+    Mutation("anp-bn-mode-flag-dropped", "ANP: --bn-mode not passed from the command line", "optimize_mask_cifar.py",
+             "bn_mode=args.bn_mode", "bn_mode=\"train\"", GOLDEN),
+    Mutation("anp-one-step-only", "ANP: anp_steps > 1 takes one step", "defenses/anp.py",
+             "for _ in range(config.anp_steps):", "for _ in range(1):", STEPS_ANP),
+    Mutation("anp-step-size", "ANP: perturbation lr eps instead of eps/steps", "defenses/anp.py",
+             "lr=config.anp_eps / max(config.anp_steps, 1))", "lr=config.anp_eps)", STEPS_ANP),
+    Mutation("anp-eps-zero-perturbed-term", "ANP: eps = 0 still adds the (unperturbed) robust term", "defenses/anp.py",
+             "        if config.anp_eps > 0.0:\n            set_perturbation(model, True)",
+             "        if True:\n            set_perturbation(model, True)", STEPS_ANP),
+    Mutation("rnp-stop-extra-step", "RNP: per-batch stop takes one more ascent step", "defenses/rnp.py",
+             "                result.stopped, result.train_acc = True, batch_correct / len(y)\n                break",
+             "                result.stopped, result.train_acc = True, batch_correct / len(y)\n"
+             "                optimizer.zero_grad(); (-loss).backward(); optimizer.step()\n                break",
+             STEPS_RNP),
+    Mutation("rnp-stop-finishes-epoch", "RNP: per-batch stop finishes the epoch", "defenses/rnp.py",
+             "batch_correct / len(y)\n                break", "batch_correct / len(y)", STEPS_RNP),
+    Mutation("rnp-clip-before-backward", "RNP: gradient clipped before the backward pass", "defenses/rnp.py",
+             "            (-loss).backward()\n"
+             "            # Clip after the backward pass (the original clips before it, where it has no effect).\n"
+             "            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=config.clip_grad_norm)",
+             "            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=config.clip_grad_norm)\n"
+             "            (-loss).backward()", STEPS_RNP),
+    Mutation("rnp-no-schedule", "RNP: MultiStepLR milestones ignored", "defenses/rnp.py",
+             "milestones=list(config.schedule)", "milestones=[]", STEPS_RNP),
+    Mutation("rnp-schedule-per-batch", "RNP: scheduler stepped per batch", "defenses/rnp.py",
+             "            optimizer.step()\n        result.epochs_run = epoch",
+             "            optimizer.step()\n            scheduler.step()\n        result.epochs_run = epoch",
+             STEPS_RNP),
+    Mutation("rnp-recovery-sign", "RNP: recovery ascends instead of descending", "defenses/rnp.py",
+             "loss = config.alpha * F.cross_entropy(logits, y)", "loss = -config.alpha * F.cross_entropy(logits, y)",
+             STEPS_RNP),
+    Mutation("rnp-recovery-weight", "RNP: recovery loss without alpha", "defenses/rnp.py",
+             "loss = config.alpha * F.cross_entropy(logits, y)", "loss = F.cross_entropy(logits, y)", STEPS_RNP),
+    Mutation("rnp-tar-accuracies", "RNP: clean_acc / bad_acc swapped in unlearned_model_last.tar", "rnp_main.py",
+             "\"clean_acc\": last[\"clean_acc\"], \"bad_acc\": last[\"asr\"]",
+             "\"clean_acc\": last[\"asr\"], \"bad_acc\": last[\"clean_acc\"]", RNP_E2E),
+    Mutation("rnp-tar-backdoored-accuracies", "RNP: tar accuracies of the backdoored model", "rnp_main.py",
+             "            last = final_eval(model, unlearning)",
+             "            last = evaluate(load(args.backdoor_model_path, False, \"--backdoor_model_path\"))", RNP_E2E),
+    Mutation("rnp-resume-unlearned-ignored", "RNP: --unlearned_model_path resume recovers on the backdoored model",
+             "rnp_main.py", "model = load(unlearned_path, True, \"--unlearned_model_path\")",
+             "model = load(args.backdoor_model_path, True, \"--unlearned_model_path\")", RNP_E2E),
+    Mutation("rnp-resume-mask-ignored", "RNP: --mask_file resume ignores the file", "rnp_main.py",
+             "    mask_file = args.mask_file\n", "    mask_file = None\n", RNP_E2E),
+    Mutation("seed-not-used", "Stage 1: poison choice and shuffling not seeded", "train_backdoor_cifar.py",
+             "generator = torch.Generator().manual_seed(args.seed + 1)",
+             "generator = torch.Generator(); generator.seed()", ("tests/test_scripts.py::test_same_seed_same_model",)),
+    Mutation("all2all-relabel", "Attacks: all-to-all relabels to the target", "data/attacks/base.py",
+             "        if self.target_type == \"all2all\":\n            return (labels + 1) % self.num_classes",
+             "        if self.target_type == \"all2all\":\n            return torch.full_like(labels, self.target)",
+             ("tests/test_attacks.py",)),
+    Mutation("blend-no-epsilon", "Blend: truncation off by one (no rounding guard)", "data/attacks/base.py",
+             "return (out + 1e-6).clamp_(0, 255).to(torch.uint8)", "return out.clamp_(0, 255).to(torch.uint8)",
+             ("tests/test_attacks.py",)),
+    Mutation("blend-rounds", "Blend: rounds instead of truncating", "data/attacks/base.py",
+             "return (out + 1e-6).clamp_(0, 255).to(torch.uint8)", "return out.round().clamp_(0, 255).to(torch.uint8)",
+             ("tests/test_attacks.py",)),
+    Mutation("log-appended", "output.log appended in place, not written atomically", "utils/run_log.py",
+             "        atomic_write_text(self._text, self.path)",
+             "        with open(self.path, \"a\") as f:\n            f.write(line + \"\\n\")",
+             ("tests/test_run_log.py",)),
+    Mutation("mismatch-without-keys", "Checkpoint mismatch error no longer names the keys", "utils/checkpoint.py",
+             "parts.append(f\"shape mismatch {', '.join(wrong_shape[:2])}{' …' if len(wrong_shape) > 2 else ''}\")",
+             "parts.append(\"shape mismatch\")", ("tests/test_checkpoint.py",)),
+    Mutation("prune-wrong-end", "Pruning: highest masks pruned first", "defenses/pruning.py",
+             "return sorted(values, key=lambda v: float(v[2]))", "return sorted(values, key=lambda v: -float(v[2]))",
+             ("tests/test_pruning.py",) + OUTCOME),
+    Mutation("saved-model-unpruned", "Pruning: pruned_model.th saved without pruning", "defenses/pruning.py",
+             "for layer, idx, _ in sort_by_mask(values)[:pruned]:", "for layer, idx, _ in sort_by_mask(values)[:0]:",
+             ("tests/test_pruning.py",) + OUTCOME),
+]
+
+
+def run_tests(tests: tuple[str, ...]) -> tuple[bool, list[str], float]:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT,
+                            capture_output=True, text=True, env=env)
+    failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, flags=re.M)))
+    return result.returncode == 0, failed, time.perf_counter() - start
+
+
+def check(mutation: Mutation) -> tuple[str, list[str], float]:
+    path = os.path.join(ROOT, mutation.path)
+    with open(path) as f:
+        source = f.read()
+    if source.count(mutation.old) != 1:
+        return "stale", [], 0.0
+    try:
+        with open(path, "w") as f:
+            f.write(source.replace(mutation.old, mutation.new))
+        passed, failed, seconds = run_tests(mutation.tests)
+    finally:
+        with open(path, "w") as f:
+            f.write(source)
+    return ("MISSED" if passed else "caught"), failed, seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    args = parser.parse_args(argv)
+    unknown = set(args.names) - {m.name for m in MUTATIONS}
+    if unknown:
+        parser.error(f"unknown mutation(s): {', '.join(sorted(unknown))}")
+    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    missed = 0
+    for mutation in chosen:
+        status, failed, seconds = check(mutation)
+        missed += status != "caught"
+        caught_by = ", ".join(f.split("::", 1)[-1] for f in failed[:4]) + (" …" if len(failed) > 4 else "")
+        print(f"{status:7s} {mutation.name:32s} {seconds:6.1f} s  {mutation.what}" +
+              (f"\n        caught by: {caught_by}" if failed else ""), flush=True)
+    print(f"{len(chosen) - missed} of {len(chosen)} mutations caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
