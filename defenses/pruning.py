@@ -103,7 +103,8 @@ def prune_sweep(model: torch.nn.Module, values, mode: str, pruning_max: float, p
     """Prune ``model`` cumulatively and evaluate after each step; returns the rows.
 
     By threshold: for t in 0, step, …, max prune every neuron with mask ≤ t. The layer/index
-    columns name the neuron at the pruning boundary, as the original writes them.
+    columns name the neuron at the pruning boundary, as the original writes them. A threshold that
+    prunes nothing new leaves the model as it was, so the previous row's metrics are reused.
     By number: prune ``ceil(step)`` more neurons at a time, up to ``ceil(max)``.
     """
     if mode not in PRUNING_MODES:
@@ -117,7 +118,8 @@ def prune_sweep(model: torch.nn.Module, values, mode: str, pruning_max: float, p
                 prune_neuron(model, values[start][0], values[start][1])
                 start += 1
             layer, idx, _ = values[min(start, len(values) - 1)]
-            row = PruningRow(start, layer, idx, threshold, evaluate(model))
+            unchanged = rows and rows[-1].pruned == start
+            row = PruningRow(start, layer, idx, threshold, dict(rows[-1].metrics) if unchanged else evaluate(model))
             rows.append(row)
             if on_row:
                 on_row(row)

@@ -63,8 +63,12 @@ def test_sweep_is_cumulative_and_file_layout(tmp_path):
     model = create_model("resnet18", 10, 3, 8)
     values = [("bn1", i, v) for i, v in enumerate([0.0, 0.02, 0.3, 0.31, 0.9, 1.0, 0.07])]
     fake = {"clean_loss": 0.5, "clean_acc": 0.9, "poison_loss": 2.0, "asr": 0.1, "ra": 0.8}
-    rows = prune_sweep(model, values, "threshold", 0.9, 0.05, lambda m: dict(fake))
+    calls = []
+    rows = prune_sweep(model, values, "threshold", 0.9, 0.05, lambda m: calls.append(1) or dict(fake))
     assert [r.value for r in rows] == threshold_grid(0.9, 0.05) and len(rows) == 19
+    # A threshold that prunes nothing new is not evaluated again: its row repeats the previous metrics.
+    assert len(calls) == len({r.pruned for r in rows}) < len(rows)
+    assert all(a.metrics == b.metrics for a, b in zip(rows, rows[1:]) if a.pruned == b.pruned)
     assert rows[0].pruned == 1 and rows[1].pruned == 2 and rows[2].pruned == 3 and rows[-1].pruned == 6
     assert (model.bn1.weight[[0, 1, 2, 3, 4, 6]] == 0).all() and model.bn1.weight[5] != 0
     path = tmp_path / "pruning_by_threshold.txt"

