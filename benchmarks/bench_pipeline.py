@@ -70,6 +70,19 @@ class PerImageDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)), int(self.labels[i])
 
 
+def per_image_loader(images, labels, spec, **kwargs) -> torch.utils.data.DataLoader:
+    """The original tools' training loader: per-image crop/flip transforms, batch 128, shuffled by default."""
+    kwargs.setdefault("shuffle", "sampler" not in kwargs)
+    return torch.utils.data.DataLoader(PerImageDataset(images, labels, spec, True), batch_size=BATCH, **kwargs)
+
+
+def batched(runtime, spec, images, labels):
+    """Ours: the same images resident on the device, augmented in batches there."""
+    transform = BatchTransform.named("crop-flip" if spec.hflip else "crop", spec.mean, spec.std, runtime.device,
+                                     channels_last=runtime.channels_last)
+    return transform, (images.to(runtime.device), labels.to(runtime.device))
+
+
 def seconds(fn, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -151,8 +164,7 @@ def bench_anp(runtime, spec, model, n_defense: int, iters: int) -> None:
         net = copy.deepcopy(model)
         net.train()
         sampler = torch.utils.data.RandomSampler(range(n_defense), replacement=True, num_samples=iters * BATCH)
-        loader = torch.utils.data.DataLoader(PerImageDataset(images, labels, spec, True), batch_size=BATCH,
-                                             sampler=sampler)
+        loader = per_image_loader(images, labels, spec, sampler=sampler)
         mask_opt = torch.optim.SGD(mask_parameters(net), lr=config.lr, momentum=0.9)
         noise_params = noise_parameters(net)
         noise_opt = torch.optim.SGD(noise_params, lr=config.anp_eps / config.anp_steps)
@@ -173,9 +185,7 @@ def bench_anp(runtime, spec, model, n_defense: int, iters: int) -> None:
             mask_opt.step()
             clip_masks(net)
 
-    transform = BatchTransform.named("crop-flip" if spec.hflip else "crop", spec.mean, spec.std, device,
-                                     channels_last=runtime.channels_last)
-    on_device = images.to(device), labels.to(device)
+    transform, on_device = batched(runtime, spec, images, labels)
 
     def ours():
         optimize_masks(copy.deepcopy(model), *on_device, transform.augment, config, runtime.autocast,
@@ -190,8 +200,7 @@ def bench_rnp(runtime, spec, plain, masked, n_defense: int) -> None:
     config = RNPConfig(batch_size=BATCH, unlearning_epochs=1, recovering_epochs=1, clean_threshold=-1.0)
 
     def original():
-        loader = torch.utils.data.DataLoader(PerImageDataset(images, labels, spec, True), batch_size=BATCH,
-                                             shuffle=True)
+        loader = per_image_loader(images, labels, spec)
         net = copy.deepcopy(plain).train()
         optimizer = torch.optim.SGD(net.parameters(), lr=config.unlearning_lr, momentum=0.9, weight_decay=5e-4)
         for x, y in loader:
@@ -210,9 +219,7 @@ def bench_rnp(runtime, spec, plain, masked, n_defense: int) -> None:
             mask_opt.step()
             clip_masks(recovering)
 
-    transform = BatchTransform.named("crop-flip" if spec.hflip else "crop", spec.mean, spec.std, device,
-                                     channels_last=runtime.channels_last)
-    on_device = images.to(device), labels.to(device)
+    transform, on_device = batched(runtime, spec, images, labels)
 
     def ours():
         generator = torch.Generator().manual_seed(0)
@@ -231,17 +238,14 @@ def bench_train(runtime, spec, model, n_train: int) -> None:
     def original():
         net = copy.deepcopy(model).train()
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-        loader = torch.utils.data.DataLoader(PerImageDataset(images, labels, spec, True), batch_size=BATCH,
-                                             shuffle=True)
+        loader = per_image_loader(images, labels, spec)
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad()
             F.cross_entropy(net(x), y).backward()
             optimizer.step()
 
-    transform = BatchTransform.named("crop-flip" if spec.hflip else "crop", spec.mean, spec.std, device,
-                                     channels_last=runtime.channels_last)
-    on_device = images.to(device), labels.to(device)
+    transform, on_device = batched(runtime, spec, images, labels)
 
     def ours():
         net = copy.deepcopy(model)
