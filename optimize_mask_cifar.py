@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from defenses.anp import ANPConfig, mask_values, optimize_masks
+from defenses.anp import BN_MODES, ANPConfig, mask_values, optimize_masks
 from defenses.pruning import write_mask_values
 from defenses.setup import make_model, model_description, prepare_defense_data
 from defenses.stage_args import add_attack_args, add_augment_arg, check_attack_args
@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--anp-eps", type=float, default=0.4)
     p.add_argument("--anp-steps", type=int, default=1)
     p.add_argument("--anp-alpha", type=float, default=0.2)
-    p.add_argument("--bn-mode", default="train", choices=["train", "eval"],
+    p.add_argument("--bn-mode", default="train", choices=BN_MODES,
                    help="BatchNorm during optimisation: train (original, batch statistics) or eval")
     p.add_argument("--project-noise", action="store_true",
                    help="clip the perturbation back into [-eps, eps] after its step (the original does not)")

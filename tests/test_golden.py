@@ -16,6 +16,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import optimize_mask_cifar
 import prune_neuron_cifar
@@ -80,7 +81,6 @@ def rnp_unlearning_text(out) -> str:
     lines = [" ".join(keys)] + [_numbers(row, keys) for row in m["unlearning_epochs"]]
     lines.append(f"stopped {summary['stopped']} at epoch {summary['stop_epoch']} "
                  f"with accuracy {summary['stop_train_acc']:.6f}")
-    import torch
     tar = torch.load(out / "rnp" / "unlearned_model_last.tar", weights_only=True)
     lines.append(f"tar epoch {tar['epoch']} clean_acc {tar['clean_acc']:.6f} bad_acc {tar['bad_acc']:.6f}")
     return "\n".join(lines) + "\n"
