@@ -11,7 +11,7 @@ import torch
 from defenses.anp import BN_MODES, ANPConfig, mask_values, optimize_masks
 from defenses.pruning import write_mask_values
 from defenses.setup import make_model, model_description, prepare_defense_data
-from defenses.stage_args import add_attack_args, add_augment_arg, check_attack_args
+from defenses.stage_args import add_attack_args, add_augment_arg, attack_kwargs
 from utils.checkpoint import load_model_checkpoint
 from utils.cli import add_common_args, check_positive, check_range
 from utils.errors import ArgumentParser, UserError, run_cli
@@ -43,7 +43,6 @@ def parse_args(argv=None):
 
 
 def main(args) -> dict:
-    check_attack_args(args)
     check_range(args.anp_alpha, 0.0, 1.0, "--anp-alpha")
     check_positive(args.nb_iter, "--nb-iter")
     check_positive(args.print_every, "--print-every")
@@ -51,9 +50,8 @@ def main(args) -> dict:
         raise UserError(f"--anp-eps: expected a non-negative number, got {args.anp_eps}")
     runtime, log = start_run(args, args.output_dir)
     data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
-                                val_frac=args.val_frac, seed=args.seed, runtime=runtime, poison_type=args.poison_type,
-                                poison_target=args.poison_target, trigger_alpha=args.trigger_alpha,
-                                augment=args.augment, log=log)
+                                val_frac=args.val_frac, seed=args.seed, runtime=runtime, augment=args.augment,
+                                log=log, **attack_kwargs(args))
     model = make_model(args.arch, data.spec, args.width, masked=True, runtime=runtime)
     load_model_checkpoint(model, args.checkpoint, model_description(args.arch, args.width, data.spec))
 

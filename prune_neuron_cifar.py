@@ -9,7 +9,7 @@ import os
 
 from defenses.pruning import PRUNING_MODES, prune_and_report, read_mask_values
 from defenses.setup import defense_accuracy, make_model, model_description, prepare_defense_data
-from defenses.stage_args import add_attack_args, add_operating_point_args, check_attack_args
+from defenses.stage_args import add_attack_args, add_operating_point_args, attack_kwargs
 from utils.checkpoint import load_model_checkpoint
 from utils.cli import add_common_args, check_positive, check_range
 from utils.errors import ArgumentParser, run_cli
@@ -37,14 +37,13 @@ def parse_args(argv=None):
 
 
 def main(args) -> dict:
-    check_attack_args(args)
     check_positive(args.pruning_step, "--pruning-step")
     check_range(args.max_acc_drop, 0.0, 1.0, "--max-acc-drop")
     runtime, log = start_run(args, args.output_dir)
     values = read_mask_values(args.mask_file)
     data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
-                                val_frac=args.val_frac, seed=args.seed, runtime=runtime, poison_type=args.poison_type,
-                                poison_target=args.poison_target, trigger_alpha=args.trigger_alpha, log=log)
+                                val_frac=args.val_frac, seed=args.seed, runtime=runtime, log=log,
+                                **attack_kwargs(args))
     description = model_description(args.arch, args.width, data.spec)
 
     def load_original():

@@ -21,8 +21,11 @@ from utils.errors import ArgumentParser, UserError, run_cli
 from utils.evaluation import backdoor_metrics
 from utils.run_log import Timer, run_metadata, start_run, write_metrics
 
-# RNP's --trigger_type values that this toolkit implements: (attack, badnets patch, alpha).
-RNP_TRIGGERS = {"gridTrigger": ("badnets", "gridTrigger", 1.0), "blendTrigger": ("blend", None, 0.2)}
+# RNP's --trigger_type values that this toolkit implements: (our attack, its options). The trojan trigger
+# needs RNP's pattern file and the others RNP offers are made in training: give a trigger info for those.
+RNP_TRIGGERS = {"gridTrigger": ("badnets", {"trigger_type": "gridTrigger"}),
+                "fourCornerTrigger": ("badnets", {"trigger_type": "checkerboard_4corner"}),
+                "blendTrigger": ("blend", {}), "signalTrigger": ("sig", {}), "wanetTrigger": ("wanet", {})}
 
 
 def _flag(parser, name: str, **kwargs) -> None:
@@ -79,10 +82,10 @@ def main(args) -> dict:
     check_positive(args.recovering_epochs, "--recovering_epochs")
     check_positive(args.batch_size, "--batch_size")
     runtime, log = start_run(args, args.log_root)
-    poison_type, patch, alpha = RNP_TRIGGERS.get(args.trigger_type, ("badnets", None, 1.0))
+    poison_type, options = RNP_TRIGGERS.get(args.trigger_type, ("badnets", {}))
     data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
                                 val_frac=args.ratio, seed=args.seed, runtime=runtime, poison_type=poison_type,
-                                poison_target=args.target_label, trigger_alpha=alpha, trigger_type=patch,
+                                poison_target=args.target_label, attack_options=options,
                                 target_type=args.target_type, augment=args.augment, log=log)
     description = model_description(args.arch, args.width, data.spec)
     config = RNPConfig(batch_size=args.batch_size, unlearning_lr=args.unlearning_lr,

@@ -9,19 +9,19 @@ import os
 
 import torch
 
-from data import ATTACKS, build_attack, choose_poison_indices, get_spec, load_dataset, poison_training_set
-from data import attacker_indices, split_permutation
-from data.attacks.badnets import TRIGGER_TYPES
+from data import ATTACKS, attacker_indices, create_attack, get_spec, load_dataset, split_permutation
+from data.attacks.base import CANDIDATE_RULES
+from data.attacks.cli import add_attack_options, attack_options_from_args
 from data.augment import AUGMENTATIONS, BatchTransform, default_augmentation
-from data.poison import CANDIDATE_RULES
 from data.trigger_info import make_trigger_info
-from defenses.setup import make_eval_sets, make_model
-from utils.checkpoint import atomic_save, plain_state_dict
-from utils.cli import add_common_args, check_positive, check_range
-from utils.errors import ArgumentParser, UserError, run_cli
+from defenses.setup import make_eval_sets, make_model, model_description
+from utils.checkpoint import atomic_save, load_model_checkpoint, plain_state_dict
+from utils.cli import add_common_args, check_positive
+from utils.device import make_runtime
+from utils.errors import ArgumentParser, run_cli
 from utils.evaluation import backdoor_metrics
 from utils.run_log import Timer, run_metadata, start_run, write_metrics
-from utils.training import train_epoch
+from utils.training import sgd_with_schedule, train_epoch
 
 
 def parse_args(argv=None):
@@ -33,71 +33,103 @@ def parse_args(argv=None):
     p.add_argument("--schedule", type=int, nargs="+", default=[100, 150], help="epochs at which lr drops by 10x")
     p.add_argument("--save-every", type=int, default=20)
     p.add_argument("--output-dir", default="logs/models/")
-    p.add_argument("--poison-type", default="badnets", help=f"one of {', '.join(ATTACKS)}")
-    p.add_argument("--poison-rate", type=float, default=0.05)
+    p.add_argument("--poison-type", default="badnets", choices=list(ATTACKS), metavar="NAME",
+                   help=f"the attack: {' | '.join(ATTACKS)} (README's attack table)")
     p.add_argument("--poison-target", type=int, default=0)
-    p.add_argument("--trigger-alpha", type=float, default=1.0,
-                   help="trigger opacity (the original's default 1.0; ANP's README uses 0.2 for blend)")
-    p.add_argument("--trigger-type", default=None, help=f"badnets patch: {' | '.join(TRIGGER_TYPES)}")
-    p.add_argument("--trigger-file", default=None, help="blend: image file to blend instead of the Gaussian pattern")
-    p.add_argument("--target-type", default="all2one", choices=["all2one", "all2all"])
+    p.add_argument("--target-type", default="all2one", choices=["all2one", "all2all"],
+                   help="all2all: y -> (y + 1) mod C (patch attacks)")
     p.add_argument("--augment", default=None, choices=list(AUGMENTATIONS),
                    help="training augmentation (default: the dataset's, crop-flip for CIFAR-10 and Fashion-MNIST); "
                         "recorded in trigger_info.th so the defenses augment their clean data alike")
     p.add_argument("--poison-candidates", default="non-target", choices=CANDIDATE_RULES,
                    help="non-target: rate × non-target images (ANP, default); all: rate × all images (RNP)")
+    add_attack_options(p)
     return p.parse_args(argv)
 
 
+def given_clean_model(args, attack, spec, runtime):
+    """``--clean-model`` loaded (a one-line error if it does not fit), or None."""
+    if not attack.opts.get("clean_model"):
+        return None
+    model = make_model(args.arch, spec, args.width, masked=False, runtime=runtime)
+    load_model_checkpoint(model, attack.opts["clean_model"], model_description(args.arch, args.width, spec),
+                          "--clean-model")
+    return model
+
+
+def train_surrogate(args, attack, spec, runtime, images, labels, transform, log):
+    """A clean model of the same architecture, for attacks that craft their trigger with one."""
+    model = make_model(args.arch, spec, args.width, masked=False, runtime=runtime)
+    epochs = attack.opts["surrogate_epochs"]
+    check_positive(epochs, "--surrogate-epochs")
+    optimizer, scheduler = sgd_with_schedule(model, args.lr, [epochs // 2, 3 * epochs // 4])
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    for epoch in range(1, epochs + 1):
+        loss, acc = train_epoch(model, images, labels, transform.augment, optimizer, args.batch_size,
+                                runtime.autocast, generator, args.progress, desc=f"surrogate {epoch}")
+        scheduler.step()
+        log(f"clean surrogate model, epoch {epoch}/{epochs}: train loss {loss:.4f} acc {acc:.4f}")
+    atomic_save(plain_state_dict(model), os.path.join(args.output_dir, "clean_model.th"))
+    return model
+
+
 def main(args) -> dict:
-    if args.poison_type not in ATTACKS:
-        raise UserError(f"--poison-type: unknown attack {args.poison_type!r}; expected one of {', '.join(ATTACKS)}")
-    check_range(args.poison_rate, 0.0, 1.0, "--poison-rate")
     check_positive(args.epoch, "--epoch")
     check_positive(args.batch_size, "--batch-size")
-    if args.trigger_type is not None and args.trigger_type not in TRIGGER_TYPES:
-        raise UserError(f"--trigger-type: expected one of {', '.join(TRIGGER_TYPES)}, got {args.trigger_type!r}")
     spec = get_spec(args.dataset)
-    if not 0 <= args.poison_target < spec.num_classes:
-        raise UserError(f"--poison-target: {args.poison_target} is outside the class range 0..{spec.num_classes - 1}")
-    runtime, log = start_run(args, args.output_dir)
-
+    # Every attack option is checked here, before anything is written.
+    attack = create_attack(args.poison_type, args.poison_target, spec.num_classes, spec.image_shape,
+                           args.target_type, **attack_options_from_args(args))
+    runtime = make_runtime(args.device, args.amp)
+    surrogate = given_clean_model(args, attack, spec, runtime)
     data = load_dataset(spec.name, args.data_dir)
+    runtime, log = start_run(args, args.output_dir, runtime)
+
     permutation = split_permutation(len(data.train_labels), args.seed)
     train_idx = attacker_indices(permutation)  # the held-out 10% is never poisoned or trained on
-    attack = build_attack(args.poison_type, args.poison_target, spec.num_classes, spec.image_shape,
-                          alpha=args.trigger_alpha, trigger_type=args.trigger_type, trigger_file=args.trigger_file,
-                          target_type=args.target_type)
-    rate = 0.0 if args.poison_type == "benign" else args.poison_rate
-    generator = torch.Generator().manual_seed(args.seed + 1)
-    local = choose_poison_indices(data.train_labels[train_idx], rate, attack, generator, args.poison_candidates)
-    images, labels = poison_training_set(data.train_images[train_idx], data.train_labels[train_idx], attack, local)
-    poison_indices = train_idx[local]
+    images, labels = data.train_images[train_idx], data.train_labels[train_idx]
     augmentation = args.augment or default_augmentation(spec.hflip)
-    trigger_info = make_trigger_info(attack, spec.name, args.seed, permutation, poison_indices, rate,
-                                     args.poison_candidates, augmentation)
-    atomic_save(trigger_info, os.path.join(args.output_dir, "trigger_info.th"))
-    log(f"{spec.name}: {len(labels)} training images ({len(local)} poisoned by {attack.name}, target "
-        f"{attack.target}), {int(len(permutation) * 0.1)} held out clean, {len(data.test_labels)} test images; "
-        f"augmentation {augmentation}")
-
-    images, labels = images.to(runtime.device), labels.to(runtime.device)
-    eval_sets = make_eval_sets(data.test_images, data.test_labels, attack, runtime.device)
     transform = BatchTransform.named(augmentation, spec.mean, spec.std, runtime.device,
                                      channels_last=runtime.channels_last)
+    timer = Timer()
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    if attack.needs_surrogate and surrogate is None:
+        surrogate = train_surrogate(args, attack, spec, runtime, images.to(runtime.device), labels.to(runtime.device),
+                                    transform, log)
+    attack.prepare(images, labels, surrogate, transform.normalize, generator, indices=train_idx)
+    poisoned = attack.poison(images, labels, generator, args.poison_candidates)
+    prepare_seconds = timer()
+
+    def save_trigger_info():
+        info = make_trigger_info(attack, spec.name, args.seed, permutation, train_idx[poisoned.poison_indices],
+                                 args.poison_candidates, augmentation, train_idx[poisoned.cover_indices])
+        atomic_save(info, os.path.join(args.output_dir, "trigger_info.th"))
+
+    save_trigger_info()
+    log(f"{spec.name}: {len(labels)} training images ({len(poisoned.poison_indices)} poisoned"
+        f"{', %d covers' % len(poisoned.cover_indices) if len(poisoned.cover_indices) else ''}"
+        f"{', every batch poisoned during training' if attack.learns_trigger else ''} by {attack.name}, target "
+        f"{attack.target}), {len(permutation) - len(train_idx)} held out clean, {len(data.test_labels)} test images; "
+        f"augmentation {augmentation}; options {attack.opts}")
+
+    images, labels = poisoned.images.to(runtime.device), poisoned.labels.to(runtime.device)
+    hook = attack.training_hook(poisoned, runtime.device, transform.normalize)
+    eval_sets = make_eval_sets(data.test_images, data.test_labels, attack, runtime.device)
     model = make_model(args.arch, spec, args.width, masked=False, runtime=runtime)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.schedule, gamma=0.1)
+    optimizer, scheduler = sgd_with_schedule(model, args.lr, args.schedule)
     atomic_save(plain_state_dict(model), os.path.join(args.output_dir, "model_init.th"))
 
     log("Epoch \t lr \t Time \t TrainLoss \t TrainACC \t PoisonLoss \t PoisonACC \t PoisonRA \t CleanLoss \t CleanACC")
-    timer, history = Timer(), []
+    history = []
     for epoch in range(1, args.epoch + 1):
         lr = optimizer.param_groups[0]["lr"]
         start = timer()
         train_loss, train_acc = train_epoch(model, images, labels, transform.augment, optimizer, args.batch_size,
-                                            runtime.autocast, generator, args.progress, desc=f"epoch {epoch}")
+                                            runtime.autocast, generator, args.progress, desc=f"epoch {epoch}",
+                                            batch_hook=hook)
         scheduler.step()
+        if attack.learns_trigger:  # the trigger generator changed with the model
+            eval_sets = make_eval_sets(data.test_images, data.test_labels, attack, runtime.device)
         m = backdoor_metrics(model, eval_sets, transform.normalize, autocast=runtime.autocast)
         seconds = timer() - start
         log(f"{epoch} \t {lr:.3f} \t {seconds:.1f} \t {train_loss:.4f} \t {train_acc:.4f} \t {m['poison_loss']:.4f} \t "
@@ -107,11 +139,16 @@ def main(args) -> dict:
         if epoch % args.save_every == 0:
             atomic_save(plain_state_dict(model), os.path.join(args.output_dir, f"model_{epoch}.th"))
     atomic_save(plain_state_dict(model), os.path.join(args.output_dir, "last_model.th"))
+    if attack.learns_trigger:
+        save_trigger_info()  # with the trained generator's weights
 
     final = history[-1]
-    metrics = {**run_metadata(args, runtime), "attack": attack.name, "poison_target": attack.target,
-               "poisoned_images": len(local), "augmentation": augmentation, "clean_acc": final["clean_acc"],
-               "asr": final["asr"], "ra": final["ra"], "timings": {"train_seconds": timer()}, "epochs": history}
+    metrics = {**run_metadata(args, runtime), "attack": attack.name, "attack_options": attack.opts,
+               "poison_target": attack.target, "poisoned_images": len(poisoned.poison_indices),
+               "cover_images": len(poisoned.cover_indices), "augmentation": augmentation,
+               "clean_acc": final["clean_acc"], "asr": final["asr"], "ra": final["ra"],
+               "timings": {"prepare_seconds": prepare_seconds, "train_seconds": timer() - prepare_seconds,
+                           "total_seconds": timer()}, "epochs": history}
     write_metrics(os.path.join(args.output_dir, "metrics.json"), metrics)
     log(f"final: ACC {final['clean_acc']:.4f} ASR {final['asr']:.4f} RA {final['ra']:.4f} "
         f"({timer():.0f} s); model in {os.path.join(args.output_dir, 'last_model.th')}")

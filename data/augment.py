@@ -34,14 +34,19 @@ class BatchTransform:
         pad, hflip = AUGMENTATIONS[augmentation]
         return cls(mean, std, hflip, device, pad=pad, channels_last=channels_last)
 
+    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (or float pixel values 0–255, e.g. LIRA's) N×H×W×C -> float N×C×H×W in [0, 1], a new tensor."""
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        return x.float().div_(255) if x.dtype == torch.uint8 else x.float() / 255
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 N×H×W×C -> normalised float N×C×H×W."""
-        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        """uint8 (or float pixel values) N×H×W×C -> normalised float N×C×H×W."""
+        x = self.to_unit(images)
         return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         """Random crop with zero padding and random horizontal flip, then normalise."""
-        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        x = self.to_unit(images)
         n, _, h, w = x.shape
         if self.pad:
             # Pad in pixel space (zeros = black), as torchvision does before normalising.

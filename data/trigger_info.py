@@ -16,8 +16,8 @@ from .splits import HELD_OUT_FRAC
 
 
 def make_trigger_info(attack: Attack, dataset: str, split_seed: int, permutation: torch.Tensor,
-                      poison_indices: torch.Tensor, poison_rate: float, poison_candidates: str,
-                      augmentation: str) -> dict:
+                      poison_indices: torch.Tensor, poison_candidates: str, augmentation: str,
+                      cover_indices: torch.Tensor | None = None) -> dict:
     return {
         **attack.record(),
         "dataset": dataset,
@@ -27,7 +27,8 @@ def make_trigger_info(attack: Attack, dataset: str, split_seed: int, permutation
         # Indices into the full training set (the ANP tool's ``data_index`` names the same thing).
         "poison_indices": poison_indices.clone(),
         "data_index": poison_indices.clone(),
-        "poison_rate": float(poison_rate),
+        "cover_indices": (cover_indices if cover_indices is not None else torch.empty(0, dtype=torch.long)).clone(),
+        "poison_rate": float(attack.opts.get("poison_rate", 0.0)),
         "poison_candidates": poison_candidates,
         # The training augmentation (a name in data.AUGMENTATIONS); the defenses augment their clean data alike.
         "augmentation": augmentation,

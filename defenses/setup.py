@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from data import (AUGMENTATIONS, BatchTransform, DatasetSpec, attack_from_record, build_attack, default_augmentation,
-                  defense_indices, get_spec, load_dataset, poisoned_test_set, split_permutation)
+from data import (AUGMENTATIONS, BatchTransform, DatasetSpec, attack_from_record, create_attack, default_augmentation,
+                  defense_indices, get_spec, load_dataset, split_permutation)
 from data.attacks import Attack
 from data.trigger_info import load_trigger_info
 from utils.device import Runtime
@@ -28,7 +28,7 @@ class DefenseData:
 
 
 def make_eval_sets(test_images: torch.Tensor, test_labels: torch.Tensor, attack: Attack, device) -> EvalSets:
-    poison_images, poison_targets, poison_true = poisoned_test_set(test_images, test_labels, attack)
+    poison_images, poison_targets, poison_true = attack.test_set(test_images, test_labels)
     return EvalSets(test_images.to(device), test_labels.to(device), poison_images.to(device),
                     poison_targets.to(device), poison_true.to(device))
 
@@ -43,12 +43,13 @@ def resolve_dataset_name(requested: str | None, trigger_info: dict | None) -> st
 
 def prepare_defense_data(*, dataset: str | None, data_dir: str, trigger_info_path: str | None, val_frac: float,
                          seed: int, runtime: Runtime, poison_type: str, poison_target: int,
-                         trigger_alpha: float | None = None, trigger_type: str | None = None,
-                         target_type: str = "all2one", augment: str | None = None, log=print) -> DefenseData:
+                         attack_options: dict | None = None, target_type: str = "all2one", augment: str | None = None,
+                         log=print) -> DefenseData:
     """Load the dataset, the held-out defense split and the poisoned test set for a defense stage.
 
     The defense data is augmented as the model's training data was (``augmentation`` of the trigger
-    info), unless ``augment`` names another augmentation.
+    info), unless ``augment`` names another augmentation. Without a trigger info the attack is built
+    from ``poison_type`` and ``attack_options``; attacks whose trigger is made in training need one.
     """
     trigger_info = load_trigger_info(trigger_info_path) if trigger_info_path else None
     spec = get_spec(resolve_dataset_name(dataset, trigger_info))
@@ -61,10 +62,11 @@ def prepare_defense_data(*, dataset: str | None, data_dir: str, trigger_info_pat
             permutation = split_permutation(len(data.train_labels), seed)
         attack.num_classes = spec.num_classes
     else:
-        if not 0 <= poison_target < spec.num_classes:
-            raise UserError(f"--poison-target: {poison_target} is outside the class range 0..{spec.num_classes - 1}")
-        attack = build_attack(poison_type, poison_target, spec.num_classes, spec.image_shape, alpha=trigger_alpha,
-                              trigger_type=trigger_type, target_type=target_type)
+        attack = create_attack(poison_type, poison_target, spec.num_classes, spec.image_shape, target_type,
+                               **(attack_options or {}))
+        if attack.needs_surrogate or attack.learns_trigger:
+            raise UserError(f"--trigger-info: the {poison_type} trigger is made during training; give the "
+                            f"trigger_info.th that train_backdoor_cifar.py wrote")
         log(f"no trigger info given: attack {poison_type} rebuilt from the options; held-out split from --seed {seed}")
         permutation = split_permutation(len(data.train_labels), seed)
     permutation = torch.as_tensor(permutation).long()

@@ -2,21 +2,26 @@
 from __future__ import annotations
 
 from data import ATTACKS, AUGMENTATIONS
+from data.attacks.cli import add_attack_options, attack_options_from_args
 from defenses.operating_point import OPERATING_POINTS
-from utils.errors import UserError
 
 
 def add_attack_args(parser) -> None:
+    """``--trigger-info`` and, for runs without one, the attack and its options (generated from the registry)."""
     parser.add_argument("--trigger-info", default="", help="trigger_info.th written by train_backdoor_cifar.py "
                         "(then nothing else about the attack needs to be given)")
-    parser.add_argument("--poison-type", default="badnets", help=f"without --trigger-info: one of {', '.join(ATTACKS)}")
+    parser.add_argument("--poison-type", default="badnets", choices=list(ATTACKS), metavar="NAME",
+                        help=f"without --trigger-info: {' | '.join(ATTACKS)}")
     parser.add_argument("--poison-target", type=int, default=0, help="without --trigger-info: the target class")
-    parser.add_argument("--trigger-alpha", type=float, default=1.0, help="without --trigger-info: trigger opacity")
+    parser.add_argument("--target-type", default="all2one", choices=["all2one", "all2all"],
+                        help="without --trigger-info: all2one or all2all")
+    add_attack_options(parser, "attack options, without --trigger-info (defaults depend on --poison-type)")
 
 
-def check_attack_args(args) -> None:
-    if not args.trigger_info and args.poison_type not in ATTACKS:
-        raise UserError(f"--poison-type: unknown attack {args.poison_type!r}; expected one of {', '.join(ATTACKS)}")
+def attack_kwargs(args) -> dict:
+    """The attack keywords of :func:`defenses.setup.prepare_defense_data` from parsed arguments."""
+    return {"poison_type": args.poison_type, "poison_target": args.poison_target, "target_type": args.target_type,
+            "attack_options": attack_options_from_args(args)}
 
 
 def add_augment_arg(parser) -> None:

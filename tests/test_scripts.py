@@ -266,7 +266,7 @@ def test_bad_files_are_one_line(pipeline, tmp_path):
         ("optimize_mask_cifar.py", ["--checkpoint", pipeline["ckpt"], "--trigger-info", pipeline["info"],
                                     "--width", "16"], "--width"),
         ("optimize_mask_cifar.py", ["--checkpoint", str(junk), "--trigger-info", pipeline["info"]], "--checkpoint"),
-        ("rnp_main.py", ["--backdoor_model_path", pipeline["ckpt"], "--trigger_type", "wanetTrigger"],
+        ("rnp_main.py", ["--backdoor_model_path", pipeline["ckpt"], "--trigger_type", "trojanTrigger"],
          "--trigger_type"),
     ]
     for script, args, needle in cases:

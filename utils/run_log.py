@@ -41,9 +41,9 @@ class RunLog:
         """Nothing is held open; kept so scripts can say where a run's log ends."""
 
 
-def start_run(args, output_dir: str):
+def start_run(args, output_dir: str, runtime=None):
     """Common start of every script: runtime, seeds, the run folder and its log (first line: the command)."""
-    runtime = make_runtime(args.device, args.amp)
+    runtime = runtime or make_runtime(args.device, args.amp)
     seed_everything(args.seed)
     log = RunLog(output_dir)
     log(f"# {run_metadata(args, runtime)['command']}")

@@ -1,38 +1,36 @@
-"""Attack registry: ``ATTACKS[name]`` builds an attack; :func:`attack_from_record` rebuilds one from trigger info."""
+"""The attack zoo: every module here registers one attack class under its ``--poison-type`` name.
+
+``create_attack(name, target, num_classes, image_shape, target_type, **options)`` builds one;
+``attack_from_record(trigger_info)`` rebuilds one from a ``trigger_info.th`` (ours, or the original ANP
+tool's pattern/mask/alpha). Adding an attack is one module with one ``@register`` class, imported below.
+"""
 from __future__ import annotations
 
-from .badnets import BadNets
-from .base import Attack, PatternAttack
-from .benign import Benign
-from .blend import Blend
+import torch
 
-ATTACKS = {cls.name: cls for cls in (BadNets, Blend, Benign)}
-
-
-def build_attack(name: str, target: int, num_classes: int, image_shape, *, alpha: float | None = None,
-                 trigger_type: str | None = None, trigger_file: str | None = None,
-                 target_type: str = "all2one") -> Attack:
-    """Build an attack from command-line style options (``alpha=None`` means the attack's default)."""
-    if name == "badnets":
-        return BadNets(target, num_classes, image_shape, trigger_type or "checkerboard_1corner",
-                       1.0 if alpha is None else alpha, target_type)
-    if name == "blend":
-        return Blend(target, num_classes, image_shape, 0.2 if alpha is None else alpha, trigger_file, target_type)
-    if name == "benign":
-        return Benign(target, num_classes, image_shape, target_type)
-    raise ValueError(f"unknown attack {name!r}; expected one of {', '.join(ATTACKS)}")
+# Imported in the order the README's table and --help list them.
+from . import badnets, blend, trojan, sig, clean_label, wanet, adaptive_blend, input_aware, lira, benign  # noqa: F401,I001
+from .base import ATTACKS, Attack, AttackError, Option, PoisonedSet, create_attack, option_flag
+from .pattern import PatternAttack
 
 
 def attack_from_record(record: dict) -> Attack:
-    """Rebuild the attack of a ``trigger_info.th`` (ours, or the original ANP tool's pattern/mask/alpha)."""
+    """Rebuild the attack of a trigger info: by name with its options and state, else from the ANP keys."""
     name = record.get("attack")
-    if name == "benign":
-        return Benign.from_record(record)
+    if name in ATTACKS and "options" in record:
+        target = int(torch.as_tensor(record.get("target", record.get("poison_target", 0))).reshape(-1)[0])
+        shape = tuple(record.get("image_shape") or ())
+        cls = ATTACKS[name]
+        options = {k: v for k, v in dict(record["options"]).items() if k in cls.options}
+        return cls(target, int(record.get("num_classes", 10)), shape, record.get("target_type", "all2one"),
+                   state=dict(record.get("state") or {}), **options)
+    if name == "benign":  # ours, before the registry
+        return ATTACKS["benign"](int(record.get("target", 0)), int(record.get("num_classes", 10)), (1, 1, 1),
+                                 record.get("target_type", "all2one"))
     if "trigger_pattern" in record:
-        attack = PatternAttack.from_record(record)
-        attack.name = name or "pattern"
-        return attack
-    raise ValueError("trigger info has neither 'trigger_pattern' nor a known 'attack'")
+        return PatternAttack.from_anp_record(record)
+    raise ValueError("trigger info has no known 'attack' with 'options' and no 'trigger_pattern'")
 
 
-__all__ = ["ATTACKS", "Attack", "PatternAttack", "BadNets", "Blend", "Benign", "build_attack", "attack_from_record"]
+__all__ = ["ATTACKS", "Attack", "AttackError", "Option", "PatternAttack", "PoisonedSet", "attack_from_record",
+           "create_attack", "option_flag"]

@@ -1,28 +1,195 @@
-"""The interface every attack implements.
+"""The interface every attack implements, and the registry that builds attacks by name.
 
-An attack knows its trigger and its target rule. ``apply`` stamps the trigger on a batch of
-uint8 images (vectorised over the batch); ``record`` returns plain tensors and Python types
-for ``trigger_info.th`` (loadable with ``torch.load(weights_only=True)``); ``from_record``
-rebuilds the attack from it. Choosing which training images to poison is generic
-(:mod:`data.poison`).
+An attack is one class registered under its ``name`` (``@register``). Its options and their
+defaults live in the class (``options``, a dict of :class:`Option`); the command-line flags of
+``train_backdoor_cifar.py`` are generated from them (:mod:`data.attacks.cli`).
+
+Lifecycle, each step with a default that is plain data poisoning (BadNets):
+
+1. ``prepare(images, labels, surrogate, normalize, generator, indices)`` — attacks with ``needs_surrogate``
+   craft their trigger or poisons with a clean model (Trojan, label-consistent).
+2. ``poison(images, labels, generator, candidates)`` — choose and transform the training poisons;
+   returns a :class:`PoisonedSet` (poisoned indices relabelled unless clean-label; "cover" indices
+   keep their labels).
+3. ``training_hook(poisoned, device, normalize)`` — optional per-batch hook that changes a training batch
+   (and may train a trigger generator with the classifier): ``hook(model, images, labels, batch_index)``.
+4. ``apply(images)`` / ``test_set(images, labels)`` — the trigger on test images, vectorised over the
+   batch; uint8 in, uint8 out for stamped triggers, float32 pixel values (0–255) out where the trigger is
+   too faint for integers (``float_output``, LIRA).
+
+``record()`` returns the trigger info's attack part: the name, the resolved options and ``state()``
+(tensors only: patterns, warping fields, generator weights), so ``attack_from_record`` rebuilds any
+attack from a ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import torch
 
+from utils.errors import UserError
+
 TARGET_TYPES = ("all2one", "all2all")
+CANDIDATE_RULES = ("non-target", "all")
+ATTACKS: dict[str, type["Attack"]] = {}
+
+
+class AttackError(UserError, ValueError):
+    """Bad attack options; ``flag`` names the command-line flag at fault."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+@dataclass(frozen=True)
+class Option:
+    default: Any
+    type: Callable = float
+    help: str = ""
+    choices: tuple | None = None
+
+    def check(self, name: str, value):
+        flag = option_flag(name)
+        if value is None:
+            return None
+        try:
+            value = self.type(value)
+        except (TypeError, ValueError):
+            raise AttackError(flag, f"expected a {self.type.__name__}, got {value!r}") from None
+        if self.choices is not None and value not in self.choices:
+            raise AttackError(flag, f"expected one of {', '.join(map(str, self.choices))}, got {value!r}")
+        return value
+
+
+def option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def rate_option(default: float, what: str) -> Option:
+    return Option(default, float, what)
+
+
+def register(cls: type["Attack"]) -> type["Attack"]:
+    """Class decorator: make ``cls`` available as ``--poison-type cls.name``."""
+    if cls.name in ATTACKS:
+        raise ValueError(f"attack {cls.name!r} registered twice")
+    for key, option in cls.options.items():
+        for other in ATTACKS.values():
+            if key in other.options and other.options[key].type is not option.type:
+                raise ValueError(f"option {key!r} of {cls.name} has another type than in {other.name}")
+    ATTACKS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class PoisonedSet:
+    images: torch.Tensor  # uint8 N×H×W×C: the attacker's training images, poisons applied
+    labels: torch.Tensor
+    poison_indices: torch.Tensor  # indices into the given images, sorted
+    cover_indices: torch.Tensor  # images that carry (part of) the trigger but keep their labels
 
 
 class Attack:
     name = "base"
-    clean_label = False  # clean-label attacks poison target-class images and keep labels
+    paper = ""
+    clean_label = False  # poisons are target-class images that keep their labels
+    needs_surrogate = False  # prepare() needs a clean model
+    float_output = False  # apply() returns float32 pixel values
+    learns_trigger = False  # the trigger changes during training (re-create the poisoned test set per epoch)
+    target_types: tuple[str, ...] = ("all2one",)
+    options: dict[str, Option] = {"poison_rate": rate_option(0.05, "share of the candidate images poisoned")}
 
-    def __init__(self, target: int, num_classes: int, target_type: str = "all2one"):
-        if target_type not in TARGET_TYPES:
-            raise ValueError(f"target_type must be one of {TARGET_TYPES}, got {target_type!r}")
+    def __init__(self, target: int, num_classes: int, image_shape, target_type: str = "all2one",
+                 state: dict | None = None, **options):
+        """``state`` (from a trigger info) restores the trigger instead of building it anew."""
+        if target_type not in self.target_types:
+            raise AttackError("--target-type", f"{self.name} supports {' | '.join(self.target_types)}, "
+                              f"got {target_type!r}")
+        if not 0 <= int(target) < int(num_classes):
+            raise AttackError("--poison-target", f"{target} is outside the class range 0..{int(num_classes) - 1}")
+        unknown = [k for k in options if k not in self.options and options[k] is not None]
+        if unknown:
+            own = ", ".join(option_flag(k) for k in self.options) or "none"
+            raise AttackError(option_flag(unknown[0]), f"not an option of {self.name} (its options: {own})")
         self.target = int(target)
         self.num_classes = int(num_classes)
+        self.image_shape = tuple(int(s) for s in image_shape)
         self.target_type = target_type
+        self.opts = {k: opt.default for k, opt in self.options.items()}
+        self.opts.update({k: self.options[k].check(k, v) for k, v in options.items() if v is not None})
+        for key, value in self.opts.items():
+            if key.endswith("_rate") and not 0.0 <= value <= 1.0:
+                raise AttackError(option_flag(key), f"{value} is outside [0, 1]")
+        if state is None:
+            self.build()
+        else:
+            self.load_state(state)
+
+    # --- construction -----------------------------------------------------------------------
+    def build(self) -> None:
+        """Make the trigger from the options (deterministic); learnt parts come from prepare/training."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors that, with the options, re-create the trigger."""
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state` returned."""
+
+    # --- lifecycle hooks ----------------------------------------------------------------------
+    def prepare(self, images: torch.Tensor, labels: torch.Tensor, surrogate: torch.nn.Module | None,
+                normalize: Callable, generator: torch.Generator, indices: torch.Tensor | None = None) -> None:
+        """Craft the trigger or poisons before :meth:`poison`: with the clean ``surrogate`` model where
+        ``needs_surrogate`` (else None). ``indices`` are the images' positions in the full training set."""
+
+    def candidate_pool(self, labels: torch.Tensor, candidates: str) -> torch.Tensor:
+        """Indices that may be poisoned: data.md's rules (clean-label: the target class)."""
+        if candidates not in CANDIDATE_RULES:
+            raise AttackError("--poison-candidates", f"expected one of {', '.join(CANDIDATE_RULES)}")
+        if self.clean_label:
+            return (labels == self.target).nonzero().flatten()
+        if candidates == "non-target" and self.target_type == "all2one":
+            return (labels != self.target).nonzero().flatten()
+        return torch.arange(len(labels))
+
+    def choose(self, labels: torch.Tensor, rate: float, generator: torch.Generator, candidates: str = "non-target",
+               exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """``rate`` × (size of the candidate pool) indices drawn from the pool, sorted."""
+        pool = self.candidate_pool(labels, candidates)
+        count = int(rate * len(pool))
+        if exclude is not None and len(exclude):
+            pool = pool[~torch.isin(pool, exclude)]
+        count = min(count, len(pool))
+        return pool[torch.randperm(len(pool), generator=generator)[:count]].sort().values
+
+    def poison(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+               candidates: str = "non-target") -> PoisonedSet:
+        """Default: trigger on ``poison_rate`` of the candidates, relabelled unless clean-label."""
+        rate = self.opts.get("poison_rate", 0.0)
+        indices = self.choose(labels, rate, generator, candidates)
+        if rate > 0 and len(indices) == 0:
+            raise AttackError("--poison-rate", f"{rate} of {len(self.candidate_pool(labels, candidates))} candidate "
+                              f"images poisons none; raise it")
+        images, labels = images.clone(), labels.clone()
+        if len(indices):
+            images[indices] = self.train_trigger(images[indices])
+            if not self.clean_label:
+                labels[indices] = self.target_labels(labels[indices])
+        return PoisonedSet(images, labels, indices, torch.empty(0, dtype=torch.long))
+
+    def train_trigger(self, images: torch.Tensor) -> torch.Tensor:
+        """The trigger as stamped on training poisons (uint8); the test trigger unless the attack differs."""
+        return self.apply(images)
+
+    def training_hook(self, poisoned: PoisonedSet, device, normalize: Callable) -> Callable | None:
+        """A per-batch hook ``(model, images, labels, batch_index) -> (images, labels)`` or None.
+
+        ``images`` are the batch's stored training images (uint8, before augmentation), ``batch_index``
+        their indices into ``poisoned``; the hook may return float pixel values. ``normalize`` turns
+        pixel values into the classifier's input (for hooks that train a generator through it)."""
+        return None
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         """Return a triggered copy of uint8 images N×H×W×C."""
@@ -34,54 +201,36 @@ class Attack:
             return (labels + 1) % self.num_classes
         return torch.full_like(labels, self.target)
 
+    def test_set(self, images: torch.Tensor, labels: torch.Tensor):
+        """Triggered test images whose true label is not the target (all of them for all-to-all).
+
+        Returns ``(images, target_labels, true_labels)``: ASR is measured against the first,
+        robust accuracy (RA) against the second.
+        """
+        keep = labels != self.target if self.target_type == "all2one" else torch.ones_like(labels, dtype=torch.bool)
+        true_labels = labels[keep]
+        return self.apply(images[keep]), self.target_labels(true_labels), true_labels
+
+    # --- trigger info -------------------------------------------------------------------------
     def record(self) -> dict:
-        return {"attack": self.name, "poison_target": torch.tensor([self.target]), "target": self.target,
-                "target_type": self.target_type, "num_classes": self.num_classes}
+        return {"attack": self.name, "options": dict(self.opts), "state": self.state(),
+                "image_shape": list(self.image_shape), "poison_target": torch.tensor([self.target]),
+                "target": self.target, "target_type": self.target_type, "num_classes": self.num_classes}
 
 
-class PatternAttack(Attack):
-    """Triggers of the form x' = x + alpha · mask · (pattern − x) (BadNets patches, Blend).
-
-    ``pattern`` is uint8 H×W×C, ``mask`` float H×W×C in [0, 1]. This is the original ANP
-    tool's ``trigger_pattern`` / ``trigger_mask`` / ``trigger_alpha`` rule; like its
-    ``astype(np.uint8)`` the result is truncated to integers.
-    """
-
-    def __init__(self, target: int, num_classes: int, pattern: torch.Tensor, mask: torch.Tensor,
-                 alpha: float, target_type: str = "all2one", trigger_type: str = "custom"):
-        super().__init__(target, num_classes, target_type)
-        self.pattern = pattern.to(torch.uint8)
-        self.mask = mask.to(torch.float32)
-        self.alpha = float(alpha)
-        self.trigger_type = trigger_type
-
-    def apply(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(torch.float64)
-        weight = (self.alpha * self.mask).to(images.device, torch.float64)
-        out = x + weight * (self.pattern.to(images.device, torch.float64) - x)
-        # Small epsilon so that e.g. 0.8·100 + 0.2·100 does not truncate to 99 by rounding error.
-        return (out + 1e-6).clamp_(0, 255).to(torch.uint8)
-
-    def record(self) -> dict:
-        return {**super().record(), "trigger_type": self.trigger_type,
-                # The original ANP tool's keys: patterns with a leading batch axis of 1.
-                "trigger_pattern": self.pattern.unsqueeze(0).clone(),
-                "trigger_mask": self.mask.unsqueeze(0).clone(),
-                "trigger_alpha": self.alpha}
-
-    @classmethod
-    def from_record(cls, record: dict) -> "PatternAttack":
-        pattern = torch.as_tensor(record["trigger_pattern"])
-        mask = torch.as_tensor(record["trigger_mask"])
-        if pattern.dim() == 4:
-            pattern, mask = pattern[0], mask[0]
-        attack = cls.__new__(cls)
-        PatternAttack.__init__(attack, int(_scalar(record["poison_target"])), int(record.get("num_classes", 10)),
-                               pattern, mask, float(_scalar(record["trigger_alpha"])),
-                               record.get("target_type", "all2one"), record.get("trigger_type", "custom"))
-        return attack
+def create_attack(name: str, target: int, num_classes: int, image_shape, target_type: str = "all2one",
+                  **options) -> Attack:
+    """Build the registered attack ``name`` (options left out or None take the class's defaults)."""
+    if name not in ATTACKS:
+        raise AttackError("--poison-type", f"unknown attack {name!r}; expected one of {', '.join(ATTACKS)}")
+    return ATTACKS[name](target, num_classes, image_shape, target_type, **options)
 
 
-def _scalar(value):
-    """The original tool stores ``poison_target`` as a 1-element numpy array."""
-    return torch.as_tensor(value).reshape(-1)[0].item()
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 or float pixel values (0–255) -> float32 in [0, 1] (a new tensor)."""
+    return images.to(torch.float32) / 255
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Float pixel values (0–255) -> uint8, rounded and clipped."""
+    return pixels.round().clamp_(0, 255).to(torch.uint8)

@@ -3,19 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import Attack
+from .base import Attack, Option, register
 
 
+@register
 class Benign(Attack):
     name = "benign"
-
-    def __init__(self, target: int, num_classes: int, image_shape=None, target_type: str = "all2one"):
-        super().__init__(target, num_classes, target_type)
+    paper = "none (clean training)"
+    options = {"poison_rate": Option(0.0, float, "ignored: nothing is poisoned")}
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         return images.clone()
-
-    @classmethod
-    def from_record(cls, record: dict) -> "Benign":
-        return cls(int(record.get("target", 0)), int(record.get("num_classes", 10)),
-                   target_type=record.get("target_type", "all2one"))

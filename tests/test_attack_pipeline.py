@@ -1,0 +1,51 @@
+"""Every registered attack end to end on tiny generated data: stage 1 -> ANP stages 2-3, and rnp_main.py.
+
+The defenses get only the checkpoint and the trigger info (no attack-specific flag), and must rebuild
+the same poisoned test set: their "before" numbers equal stage 1's final ones.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import optimize_mask_cifar
+import prune_neuron_cifar
+import rnp_main
+import train_backdoor_cifar
+from data import ATTACKS
+
+COMMON = ["--width", "8", "--device", "cpu", "--seed", "0", "--no-progress"]
+# Short crafting steps for the attacks that make their trigger with a surrogate model.
+FAST = {"trojan": ["--surrogate-epochs", "1", "--trojan-steps", "3"],
+        "clean-label": ["--surrogate-epochs", "1", "--pgd-steps", "1"],
+        "a-blend": ["--poison-rate", "0.05", "--cover-rate", "0.05"]}
+SWEEP = ["--pruning-max", "0.2", "--pruning-step", "0.1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_attack_through_both_defenses(name, tiny_cifar, tmp_path):
+    data = ["--data-dir", tiny_cifar]
+    stage1 = train_backdoor_cifar.main(train_backdoor_cifar.parse_args(
+        COMMON + data + ["--epoch", "1", "--batch-size", "64", "--poison-type", name, "--output-dir",
+                         str(tmp_path / "backdoor")] + FAST.get(name, [])))
+    assert stage1["attack"] == name and (tmp_path / "backdoor" / "last_model.th").is_file()
+    ckpt, info = str(tmp_path / "backdoor" / "last_model.th"), str(tmp_path / "backdoor" / "trigger_info.th")
+    anp = ["--checkpoint", ckpt, "--trigger-info", info, "--output-dir", str(tmp_path / "anp"), "--val-frac", "0.05"]
+    stage2 = optimize_mask_cifar.main(optimize_mask_cifar.parse_args(
+        COMMON + data + anp + ["--nb-iter", "3", "--print-every", "3", "--batch-size", "32"]))
+    stage3 = prune_neuron_cifar.main(prune_neuron_cifar.parse_args(
+        COMMON + data + anp + SWEEP + ["--mask-file", str(tmp_path / "anp" / "mask_values.txt")]))
+    rnp = rnp_main.main(rnp_main.parse_args(
+        COMMON + data + SWEEP + ["--backdoor_model_path", ckpt, "--trigger_info", info, "--ratio", "0.05",
+                                 "--log_root", str(tmp_path / "rnp"), "--output_weight", str(tmp_path / "rnp"),
+                                 "--unlearning_epochs", "1", "--recovering_epochs", "1"]))
+    for before in (stage2["before"], stage3["before"], rnp["before"]):
+        for key in ("clean_acc", "asr", "ra"):
+            assert before[key] == pytest.approx(stage1[key], abs=1e-6), (key, before, stage1)
+    for metrics in (stage3, rnp):
+        point = metrics["operating_point"]
+        assert point["threshold"] == 0.2 and 0 <= point["asr"] <= 1 and 0 <= point["clean_acc"] <= 1
+    saved = json.loads((tmp_path / "backdoor" / "metrics.json").read_text())
+    assert saved["attack_options"] == stage1["attack_options"] and saved["timings"]["train_seconds"] > 0
