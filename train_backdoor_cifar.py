@@ -14,7 +14,7 @@ from data.attacks.base import CANDIDATE_RULES
 from data.attacks.cli import add_attack_options, attack_options_from_args
 from data.augment import AUGMENTATIONS, BatchTransform, default_augmentation
 from data.trigger_info import make_trigger_info
-from defenses.setup import make_eval_sets, make_model, model_description
+from defenses.setup import check_model_args, make_eval_sets, make_model, model_description
 from utils.checkpoint import atomic_save, load_model_checkpoint, plain_state_dict
 from utils.cli import add_common_args, check_positive
 from utils.device import make_runtime
@@ -77,17 +77,18 @@ def main(args) -> dict:
     check_positive(args.epoch, "--epoch")
     check_positive(args.batch_size, "--batch-size")
     spec = get_spec(args.dataset)
+    check_model_args(args.arch, args.width)
     # Every attack option is checked here, before anything is written.
     attack = create_attack(args.poison_type, args.poison_target, spec.num_classes, spec.image_shape,
                            args.target_type, **attack_options_from_args(args))
     runtime = make_runtime(args.device, args.amp)
     surrogate = given_clean_model(args, attack, spec, runtime)
     data = load_dataset(spec.name, args.data_dir)
-    runtime, log = start_run(args, args.output_dir, runtime)
-
     permutation = split_permutation(len(data.train_labels), args.seed)
     train_idx = attacker_indices(permutation)  # the held-out 10% is never poisoned or trained on
     images, labels = data.train_images[train_idx], data.train_labels[train_idx]
+    attack.check_poison_count(labels, args.poison_candidates)
+    runtime, log = start_run(args, args.output_dir, runtime)
     augmentation = args.augment or default_augmentation(spec.hflip)
     transform = BatchTransform.named(augmentation, spec.mean, spec.std, runtime.device,
                                      channels_last=runtime.channels_last)

@@ -91,12 +91,21 @@ def prepare_defense_data(*, dataset: str | None, data_dir: str, trigger_info_pat
         attack=attack, trigger_info=trigger_info)
 
 
+def check_model_args(arch: str, width: int) -> None:
+    """``--arch`` and ``--width`` as one-line errors, before a run writes anything."""
+    from models import ARCHITECTURES
+
+    if arch not in ARCHITECTURES:
+        raise UserError(f"--arch: unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    if width <= 0:
+        raise UserError(f"--width: expected a positive channel count, got {width}")
+
+
 def make_model(arch: str, spec: DatasetSpec, width: int, masked: bool, runtime: Runtime) -> torch.nn.Module:
     """The registry's ``arch`` for ``spec``'s classes and channels, on the runtime's device."""
     from models import create_model
 
-    if width <= 0:
-        raise UserError(f"--width: expected a positive channel count, got {width}")
+    check_model_args(arch, width)
     try:
         model = create_model(arch, spec.num_classes, spec.image_shape[2], width, masked=masked)
     except ValueError as err:

@@ -237,15 +237,25 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("train_backdoor_cifar.py", ["--device", "cuda"], "--device"),
     ("optimize_mask_cifar.py", ["--checkpoint", "/nonexistent.th"], "--checkpoint"),
     ("prune_neuron_cifar.py", ["--checkpoint", "x.th"], "--mask-file"),
+    ("train_backdoor_cifar.py", ["--poison-type", "badnets", "--cover-rate", "0.1"], "--cover-rate"),
+    ("train_backdoor_cifar.py", ["--poison-type", "a-blend", "--cover-rate", "2"], "--cover-rate"),
+    ("train_backdoor_cifar.py", ["--poison-type", "blend", "--trigger-file", "/nonexistent.png"], "--trigger-file"),
+    ("train_backdoor_cifar.py", ["--poison-type", "sig", "--poison-rate", "0.001"], "--poison-rate"),
+    ("train_backdoor_cifar.py", ["--poison-type", "clean-label", "--clean-model", "/nonexistent.th"], "--clean-model"),
+    ("train_backdoor_cifar.py", ["--poison-type", "wanet", "--target-type", "all2all"], "--target-type"),
+    ("optimize_mask_cifar.py", ["--checkpoint", "/nonexistent.th", "--poison-type", "lira"], "--trigger-info"),
 ])
-def test_bad_input_is_one_line(tiny_cifar, script, args, needle):
+def test_bad_input_is_one_line(tiny_cifar, tmp_path, script, args, needle):
     if needle == "--device" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    result = _run(script, "--data-dir", tiny_cifar, "--device", "cpu", *args) if needle != "--device" else \
-        _run(script, "--data-dir", tiny_cifar, *args)
+    out = ["--output-dir", str(tmp_path / "out")]
+    result = _run(script, "--data-dir", tiny_cifar, "--device", "cpu", *args, *out) if needle != "--device" else \
+        _run(script, "--data-dir", tiny_cifar, *args, *out)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result.stderr
+    if script == "train_backdoor_cifar.py":  # stage 1 checks everything before it writes anything
+        assert not (tmp_path / "out").exists(), "nothing is written on bad input"
 
 
 @pytest.mark.slow
@@ -268,12 +278,17 @@ def test_bad_files_are_one_line(pipeline, tmp_path):
         ("optimize_mask_cifar.py", ["--checkpoint", str(junk), "--trigger-info", pipeline["info"]], "--checkpoint"),
         ("rnp_main.py", ["--backdoor_model_path", pipeline["ckpt"], "--trigger_type", "trojanTrigger"],
          "--trigger_type"),
+        ("train_backdoor_cifar.py", ["--poison-type", "trojan", "--clean-model", str(junk),
+                                     "--output-dir", str(tmp_path / "t1")], "--clean-model"),
+        ("train_backdoor_cifar.py", ["--poison-type", "trojan", "--clean-model", pipeline["ckpt"], "--width", "16",
+                                     "--output-dir", str(tmp_path / "t2")], "--clean-model"),
     ]
     for script, args, needle in cases:
         result = _run(script, *data, "--device", "cpu", "--width", "8", *args) if "--width" not in args else \
             _run(script, *data, "--device", "cpu", *args)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (script, result.stderr)
+    assert not (tmp_path / "t1").exists() and not (tmp_path / "t2").exists()
 
 
 # Runs a script with every network connection refused, whatever the machine allows.

@@ -164,14 +164,20 @@ class Attack:
         count = min(count, len(pool))
         return pool[torch.randperm(len(pool), generator=generator)[:count]].sort().values
 
+    def check_poison_count(self, labels: torch.Tensor, candidates: str = "non-target") -> None:
+        """A rate that poisons no image (e.g. a clean-label attack with too few target-class images) is an error."""
+        rate = self.opts.get("poison_rate", 0.0)
+        pool = len(self.candidate_pool(labels, candidates))
+        if rate > 0 and not self.learns_trigger and int(rate * pool) == 0:
+            what = "target-class" if self.clean_label else "candidate"
+            raise AttackError("--poison-rate", f"{rate} of {pool} {what} images poisons none; raise the rate or "
+                              f"use more data")
+
     def poison(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
                candidates: str = "non-target") -> PoisonedSet:
         """Default: trigger on ``poison_rate`` of the candidates, relabelled unless clean-label."""
-        rate = self.opts.get("poison_rate", 0.0)
-        indices = self.choose(labels, rate, generator, candidates)
-        if rate > 0 and len(indices) == 0:
-            raise AttackError("--poison-rate", f"{rate} of {len(self.candidate_pool(labels, candidates))} candidate "
-                              f"images poisons none; raise it")
+        self.check_poison_count(labels, candidates)
+        indices = self.choose(labels, self.opts.get("poison_rate", 0.0), generator, candidates)
         images, labels = images.clone(), labels.clone()
         if len(indices):
             images[indices] = self.train_trigger(images[indices])

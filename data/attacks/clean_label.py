@@ -81,10 +81,8 @@ class CleanLabel(Attack):
         self.adversarial = array[indices] if indices is not None else array
 
     def poison(self, images, labels, generator, candidates="non-target") -> PoisonedSet:
+        self.check_poison_count(labels, candidates)
         indices = self.choose(labels, self.opts["poison_rate"], generator, candidates)
-        if self.opts["poison_rate"] > 0 and len(indices) == 0:
-            raise AttackError("--poison-rate", f"{self.opts['poison_rate']} of "
-                              f"{int((labels == self.target).sum())} target-class images poisons none")
         images = images.clone()
         if len(indices):
             if getattr(self, "adversarial", None) is not None:
