@@ -36,7 +36,9 @@ class InputAware(GeneratorAttack):
 
     def pattern_and_mask(self, x01: torch.Tensor):
         pattern = (torch.tanh(self.nets["pattern"](x01)) + 1) / 2
-        mask = (torch.tanh(self.nets["mask"](x01) * 20 - 10) + 1) / 2  # soft step: masks near 0 or 1
+        # The original's soft step on a sigmoid output: masks near 0 or 1, with a live gradient at 0.5 (a soft
+        # step on the raw output would start at tanh(-10), where no gradient ever turns a mask on).
+        mask = (torch.tanh(torch.sigmoid(self.nets["mask"](x01)) * 20 - 10) + 1) / 2
         return pattern, mask
 
     def trigger(self, x01: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
