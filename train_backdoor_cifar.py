@@ -61,7 +61,6 @@ def train_surrogate(args, attack, spec, runtime, images, labels, transform, log)
     """A clean model of the same architecture, for attacks that craft their trigger with one."""
     model = make_model(args.arch, spec, args.width, masked=False, runtime=runtime)
     epochs = attack.opts["surrogate_epochs"]
-    check_positive(epochs, "--surrogate-epochs")
     optimizer, scheduler = sgd_with_schedule(model, args.lr, [epochs // 2, 3 * epochs // 4])
     generator = torch.Generator().manual_seed(args.seed + 2)
     for epoch in range(1, epochs + 1):

@@ -230,6 +230,7 @@ def test_trigger_info_with_code_is_refused(tmp_path):
     ("badnets", {"trigger_type": "star"}, "--trigger-type"),
     ("blend", {"trigger_file": "/nonexistent.png"}, "--trigger-file"),
     ("wanet", {"warp_k": "many"}, "--warp-k"),
+    ("trojan", {"surrogate_epochs": 0}, "--surrogate-epochs"),
 ])
 def test_bad_options_name_the_flag(name, options, flag):
     with pytest.raises(AttackError, match=f"^{flag}:"):

@@ -37,7 +37,7 @@ class AdaptiveBlend(Blend):
                "cover_rate": rate_option(0.003, "share of the candidate images given the trigger with their labels"),
                "trigger_alpha": Option(0.2, float, "blend opacity at test"),
                "train_alpha": Option(0.15, float, "blend opacity of the training poisons and covers"),
-               "pieces": Option(4, int, "the trigger is cut into pieces × pieces cells"),
+               "pieces": Option(4, int, "the trigger is cut into pieces × pieces cells", low=1),
                "mask_rate": Option(0.5, float, "share of the pieces each training image gets")}
 
     def poison(self, images, labels, generator, candidates="non-target") -> PoisonedSet:

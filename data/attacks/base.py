@@ -49,6 +49,7 @@ class Option:
     type: Callable = float
     help: str = ""
     choices: tuple | None = None
+    low: float | None = None  # smallest allowed value
 
     def check(self, name: str, value):
         flag = option_flag(name)
@@ -60,6 +61,8 @@ class Option:
             raise AttackError(flag, f"expected a {self.type.__name__}, got {value!r}") from None
         if self.choices is not None and value not in self.choices:
             raise AttackError(flag, f"expected one of {', '.join(map(str, self.choices))}, got {value!r}")
+        if self.low is not None and value < self.low:
+            raise AttackError(flag, f"expected at least {self.low}, got {value!r}")
         return value
 
 

@@ -52,8 +52,8 @@ class CleanLabel(Attack):
     paper = "Turner et al., Label-Consistent Backdoor Attacks, 2019"
     clean_label = True
     options = {"poison_rate": rate_option(0.8, "share of the target-class images poisoned"), **SURROGATE_OPTIONS,
-               "pgd_eps": Option(16.0, float, "L-inf budget of the adversarial perturbation, in grey levels"),
-               "pgd_steps": Option(10, int, "PGD steps (step size eps/4)"),
+               "pgd_eps": Option(16.0, float, "L-inf budget of the adversarial perturbation, in grey levels", low=0),
+               "pgd_steps": Option(10, int, "PGD steps (step size eps/4)", low=0),
                "clb_dir": Option(None, str, "folder with the original's adversarial train_images.npy/train_labels.npy")}
 
     @property

@@ -38,7 +38,7 @@ class ImageGenerator(nn.Module):
 GENERATOR_OPTIONS = {
     "poison_rate": rate_option(0.1, "share of every training batch poisoned by the generator"),
     "generator_lr": Option(1e-3, float, "Adam learning rate of the trigger generator"),
-    "generator_width": Option(16, int, "channels of the trigger generator"),
+    "generator_width": Option(16, int, "channels of the trigger generator", low=1),
 }
 
 

@@ -23,7 +23,7 @@ from .generators import GENERATOR_OPTIONS, GeneratorAttack, ImageGenerator
 class LIRA(GeneratorAttack):
     name = "lira"
     paper = "Doan et al., ICCV 2021"
-    options = {**GENERATOR_OPTIONS, "lira_eps": Option(0.02, float, "trigger bound in [0, 1] pixel units")}
+    options = {**GENERATOR_OPTIONS, "lira_eps": Option(0.02, float, "trigger bound in [0, 1] pixel units", low=0)}
 
     def networks(self):
         channels = self.image_shape[2]

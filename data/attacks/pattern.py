@@ -46,7 +46,8 @@ class PatternAttack(Attack):
 
     def record(self) -> dict:
         # The original ANP tool's keys: patterns with a leading batch axis of 1.
-        return {**super().record(), "trigger_type": getattr(self, "trigger_name", None) or self.opts.get("trigger_type", "custom"),
+        trigger_type = getattr(self, "trigger_name", None) or self.opts.get("trigger_type", "custom")
+        return {**super().record(), "trigger_type": trigger_type,
                 "trigger_pattern": self.pattern.unsqueeze(0).clone(),
                 "trigger_mask": self.mask.unsqueeze(0).clone(), "trigger_alpha": self.alpha}
 

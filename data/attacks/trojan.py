@@ -21,7 +21,8 @@ from .blend import load_pattern_file
 SURROGATE_OPTIONS = {
     "clean_model": Option(None, str, "clean model of the same --arch/--width for crafting the trigger "
                                      "(default: train one for --surrogate-epochs)"),
-    "surrogate_epochs": Option(5, int, "epochs of the clean surrogate model trained when --clean-model is not given"),
+    "surrogate_epochs": Option(5, int, "epochs of the clean surrogate model trained when --clean-model is "
+                                                     "not given", low=1),
 }
 
 
@@ -38,9 +39,9 @@ class Trojan(Attack):
     paper = "Liu et al., Trojaning Attack on Neural Networks, NDSS 2018"
     target_types = ("all2one", "all2all")
     options = {**Attack.options, **SURROGATE_OPTIONS,
-               "trigger_size": Option(7, int, "side of the square trigger in pixels"),
+               "trigger_size": Option(7, int, "side of the square trigger in pixels", low=1),
                "trigger_file": Option(None, str, "a given additive pattern instead of optimising one"),
-               "trojan_steps": Option(200, int, "optimisation steps of the trigger")}
+               "trojan_steps": Option(200, int, "optimisation steps of the trigger", low=1)}
 
     @property
     def needs_surrogate(self) -> bool:

@@ -47,8 +47,9 @@ class WaNet(Attack):
     name = "wanet"
     paper = "Nguyen & Tran, ICLR 2021"
     options = {"poison_rate": rate_option(0.1, "share of the candidate images poisoned"),
-               "cross_ratio": Option(2.0, float, "noise mode: cover images = cross ratio × poison rate (0: off)"),
-               "warp_k": Option(4, int, "side of the random field before upsampling"),
+               "cross_ratio": Option(2.0, float, "noise mode: cover images = cross ratio × poison rate (0: off)",
+                                     low=0),
+               "warp_k": Option(4, int, "side of the random field before upsampling", low=2),
                "warp_strength": Option(0.5, float, "warping strength s")}
 
     def build(self) -> None:
