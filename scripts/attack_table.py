@@ -56,8 +56,11 @@ def main(argv=None) -> None:
         if not os.path.isfile(stage1):
             continue
         m = json.load(open(stage1))
-        seconds = m["timings"].get("total_seconds", m["timings"].get("train_seconds"))
-        cells = [name, triple(m), f"{seconds:.0f} s"]
+        t = m["timings"]
+        seconds = f"{t.get('total_seconds', t['train_seconds']):.0f} s"
+        if t.get("prepare_seconds", 0) >= 1:
+            seconds += f" ({t['prepare_seconds']:.0f} s crafting)"
+        cells = [name, triple(m), seconds]
         cells += defense_cells(os.path.join(args.root, name, "anp", "metrics.json"), args.max_acc_drop)
         cells += defense_cells(os.path.join(args.root, name, "rnp", "metrics.json"), args.max_acc_drop)
         print("| " + " | ".join(cells) + " |")
