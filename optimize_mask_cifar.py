@@ -8,15 +8,14 @@ import os
 
 import torch
 
+from data.attacks.cli import attack_kwargs
 from defenses.anp import BN_MODES, ANPConfig, mask_values, optimize_masks
 from defenses.pruning import write_mask_values
-from defenses.setup import make_model, model_description, prepare_defense_data
-from defenses.stage_args import add_attack_args, add_augment_arg, attack_kwargs
-from utils.checkpoint import load_model_checkpoint
+from defenses.session import DefenseRun
+from defenses.stage_args import add_attack_args, add_augment_arg
 from utils.cli import add_common_args, check_positive, check_range
 from utils.errors import ArgumentParser, UserError, run_cli
-from utils.evaluation import backdoor_metrics
-from utils.run_log import Timer, run_metadata, start_run, write_metrics
+from utils.run_log import Timer
 
 
 def parse_args(argv=None):
@@ -48,16 +47,10 @@ def main(args) -> dict:
     check_positive(args.print_every, "--print-every")
     if args.anp_eps < 0:
         raise UserError(f"--anp-eps: expected a non-negative number, got {args.anp_eps}")
-    runtime, log = start_run(args, args.output_dir)
-    data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
-                                val_frac=args.val_frac, seed=args.seed, runtime=runtime, augment=args.augment,
-                                log=log, **attack_kwargs(args))
-    model = make_model(args.arch, data.spec, args.width, masked=True, runtime=runtime)
-    load_model_checkpoint(model, args.checkpoint, model_description(args.arch, args.width, data.spec))
-
-    def evaluate(m):
-        return backdoor_metrics(m, data.eval_sets, data.transform.normalize, autocast=runtime.autocast)
-
+    run = DefenseRun.start(args, args.output_dir, checkpoint=args.checkpoint, val_frac=args.val_frac,
+                           augment=args.augment, **attack_kwargs(args))
+    data, log, evaluate = run.data, run.log, run.evaluate
+    model = run.load(args.checkpoint, masked=True)
     before = evaluate(model)
     log(f"{data.spec.name}, {len(data.defense_labels)} clean defense images ({data.augmentation}); "
         f"before: ACC {before['clean_acc']:.4f} ASR {before['asr']:.4f} RA {before['ra']:.4f}")
@@ -75,17 +68,14 @@ def main(args) -> dict:
                        bn_mode=args.bn_mode, project_noise=args.project_noise)
     generator = torch.Generator().manual_seed(args.seed)
     optimize_masks(model, data.defense_images, data.defense_labels, data.transform.augment, config,
-                   runtime.autocast, report, generator, args.progress)
+                   run.runtime.autocast, report, generator, args.progress)
     mask_file = os.path.join(args.output_dir, "mask_values.txt")
     values = mask_values(model)
     write_mask_values(values, mask_file)
     low = sum(v <= 0.2 for _, _, v in values)
     log(f"wrote {mask_file}: {len(values)} neurons, {low} with mask <= 0.2 ({timer():.0f} s)")
-    metrics = {**run_metadata(args, runtime), "augmentation": data.augmentation, "before": before, "reports": reports,
-               "neurons": len(values), "neurons_mask_le_0.2": low, "timings": {"optimize_seconds": timer()}}
-    write_metrics(os.path.join(args.output_dir, "metrics.json"), metrics)
-    log.close()
-    return metrics
+    return run.finish({"augmentation": data.augmentation, "before": before, "reports": reports, "neurons": len(values),
+                       "neurons_mask_le_0.2": low, "timings": {"optimize_seconds": timer()}})
 
 
 if __name__ == "__main__":

@@ -10,16 +10,15 @@ import os
 
 import torch
 
-from defenses.pruning import PRUNING_MODES, prune_and_report, read_mask_values, write_mask_values
 from defenses.anp import mask_values
+from defenses.pruning import read_mask_values, write_mask_values
 from defenses.rnp import STOP_CHECKS, RNPConfig, recover_masks, unlearn
-from defenses.setup import defense_accuracy, make_model, model_description, prepare_defense_data
-from defenses.stage_args import add_augment_arg, add_operating_point_args
-from utils.checkpoint import atomic_save, load_model_checkpoint
+from defenses.session import DefenseRun
+from defenses.stage_args import add_augment_arg, add_flag, add_pruning_args, check_pruning_args
+from utils.checkpoint import atomic_save
 from utils.cli import add_common_args, check_positive, check_range
 from utils.errors import ArgumentParser, UserError, run_cli
-from utils.evaluation import backdoor_metrics
-from utils.run_log import Timer, run_metadata, start_run, write_metrics
+from utils.run_log import Timer
 
 # RNP's --trigger_type values that this toolkit implements: (our attack, its options). The trojan trigger
 # needs RNP's pattern file and the others RNP offers are made in training: give a trigger info for those.
@@ -29,10 +28,8 @@ RNP_TRIGGERS = {"gridTrigger": ("badnets", {"trigger_type": "gridTrigger"}),
 
 
 def _flag(parser, name: str, **kwargs) -> None:
-    """Register ``--a_b`` and ``--a-b`` for the same option."""
-    snake = name.replace("-", "_")
-    names = [f"--{snake}"] + ([f"--{name.replace('_', '-')}"] if "_" in snake else [])
-    parser.add_argument(*dict.fromkeys(names), dest=snake, **kwargs)
+    """RNP's flags in the original's snake_case, and in kebab-case."""
+    add_flag(parser, name, snake_case_too=True, **kwargs)
 
 
 def parse_args(argv=None):
@@ -57,16 +54,12 @@ def parse_args(argv=None):
                "meets the rule is kept) or after each epoch (the paper's code)")
     _flag(p, "eval_every", type=int, default=1,
           help="evaluate on the test sets every N epochs of phases 1-2 (0: only at the end of each phase)")
-    _flag(p, "pruning_by", default="threshold", choices=PRUNING_MODES)
-    _flag(p, "pruning_max", type=float, default=0.90)
-    _flag(p, "pruning_step", type=float, default=0.05)
-    _flag(p, "save_threshold", type=float, default=0.2, help="operating point for pruned_model.th (fixed)")
+    add_pruning_args(p, snake_case_too=True)
     _flag(p, "target_label", type=int, default=0, help="without --trigger-info: the target class")
     _flag(p, "trigger_type", default="gridTrigger", help=f"without --trigger-info: {' | '.join(RNP_TRIGGERS)}")
     _flag(p, "target_type", default="all2one", choices=["all2one", "all2all"])
     _flag(p, "trigger_info", default="", help="trigger_info.th from train_backdoor_cifar.py (decides the attack)")
     add_augment_arg(p)
-    add_operating_point_args(p, snake_case_too=True)
     return p.parse_args(argv)
 
 
@@ -76,31 +69,21 @@ def main(args) -> dict:
                         f"{', '.join(RNP_TRIGGERS)} (or give --trigger-info)")
     check_range(args.clean_threshold, 0.0, 1.0, "--clean_threshold")
     check_range(args.alpha, 0.0, 1.0, "--alpha")
-    check_range(args.max_acc_drop, 0.0, 1.0, "--max-acc-drop")
-    check_positive(args.pruning_step, "--pruning_step")
+    check_pruning_args(args)
     check_positive(args.unlearning_epochs, "--unlearning_epochs")
     check_positive(args.recovering_epochs, "--recovering_epochs")
     check_positive(args.batch_size, "--batch_size")
-    runtime, log = start_run(args, args.log_root)
     poison_type, options = RNP_TRIGGERS.get(args.trigger_type, ("badnets", {}))
-    data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
-                                val_frac=args.ratio, seed=args.seed, runtime=runtime, poison_type=poison_type,
-                                poison_target=args.target_label, attack_options=options,
-                                target_type=args.target_type, augment=args.augment, log=log)
-    description = model_description(args.arch, args.width, data.spec)
+    run = DefenseRun.start(args, args.log_root, checkpoint=args.backdoor_model_path,
+                           checkpoint_flag="--backdoor_model_path", val_frac=args.ratio, augment=args.augment,
+                           poison_type=poison_type, poison_target=args.target_label, attack_options=options,
+                           target_type=args.target_type)
+    data, log, evaluate, runtime = run.data, run.log, run.evaluate, run.runtime
     config = RNPConfig(batch_size=args.batch_size, unlearning_lr=args.unlearning_lr,
                        unlearning_epochs=args.unlearning_epochs, schedule=args.schedule,
                        clean_threshold=args.clean_threshold, stop_check=args.stop_check,
                        recovering_lr=args.recovering_lr, recovering_epochs=args.recovering_epochs, alpha=args.alpha)
     generator = torch.Generator().manual_seed(args.seed)
-
-    def load(path: str, masked: bool, argument: str):
-        model = make_model(args.arch, data.spec, args.width, masked=masked, runtime=runtime)
-        load_model_checkpoint(model, path, description, argument)
-        return model
-
-    def evaluate(model):
-        return backdoor_metrics(model, data.eval_sets, data.transform.normalize, autocast=runtime.autocast)
 
     def epoch_logger(model, rows: list):
         def on_epoch(epoch: int, lr: float, stats: dict) -> None:
@@ -129,7 +112,7 @@ def main(args) -> dict:
             log(f"--- phase 1: unlearning on {len(data.defense_labels)} clean images ({data.augmentation}) "
                 f"(stop at training accuracy <= {args.clean_threshold}, checked per {args.stop_check})")
             log(header)
-            model = load(args.backdoor_model_path, False, "--backdoor_model_path")
+            model = run.load(args.backdoor_model_path, False, "--backdoor_model_path")
             phase_timer = Timer()
             result = unlearn(model, data.defense_images, data.defense_labels, data.transform.augment, config,
                              runtime.autocast, epoch_logger(model, unlearning), generator, args.progress)
@@ -150,7 +133,7 @@ def main(args) -> dict:
             log(f"phase 1 skipped: unlearned model {unlearned_path}")
         log("--- phase 2: recovering neuron masks on the unlearned model")
         log(header)
-        model = load(unlearned_path, True, "--unlearned_model_path")
+        model = run.load(unlearned_path, True, "--unlearned_model_path")
         phase_timer = Timer()
         recover_masks(model, data.defense_images, data.defense_labels, data.transform.augment, config,
                       runtime.autocast, epoch_logger(model, recovering), generator, args.progress)
@@ -165,19 +148,11 @@ def main(args) -> dict:
 
     log("--- phase 3: pruning the backdoored model")
     phase_timer = Timer()
-    results = prune_and_report(lambda: load(args.backdoor_model_path, False, "--backdoor_model_path"), values,
-                               mode=args.pruning_by, pruning_max=args.pruning_max, pruning_step=args.pruning_step,
-                               save_threshold=args.save_threshold, evaluate=evaluate, output_dir=args.log_root,
-                               log=log, title=f"RNP pruning, {data.spec.name}",
-                               defense_accuracy=lambda m: defense_accuracy(m, data, runtime.autocast),
-                               operating_point=args.operating_point, max_acc_drop=args.max_acc_drop)
+    results = run.prune(lambda: run.load(args.backdoor_model_path, False, "--backdoor_model_path"), values,
+                        title="RNP pruning")
     timings["prune_seconds"] = phase_timer()
-    metrics = {**run_metadata(args, runtime), **results, "augmentation": data.augmentation,
-               "unlearning": unlearn_summary, "unlearning_epochs": unlearning, "recovering_epochs": recovering,
-               "timings": timings}
-    write_metrics(os.path.join(args.log_root, "metrics.json"), metrics)
-    log.close()
-    return metrics
+    return run.finish({**results, "augmentation": data.augmentation, "unlearning": unlearn_summary,
+                       "unlearning_epochs": unlearning, "recovering_epochs": recovering, "timings": timings})
 
 
 if __name__ == "__main__":

@@ -9,17 +9,17 @@ import os
 
 import torch
 
-from data import ATTACKS, attacker_indices, create_attack, get_spec, load_dataset, split_permutation
+from data import attacker_indices, create_attack, get_spec, load_dataset, split_permutation
 from data.attacks.base import CANDIDATE_RULES
-from data.attacks.cli import add_attack_options, attack_options_from_args
+from data.attacks.cli import add_attack_args, attack_kwargs
 from data.augment import AUGMENTATIONS, BatchTransform, default_augmentation
 from data.trigger_info import make_trigger_info
-from defenses.setup import check_model_args, make_eval_sets, make_model, model_description
-from utils.checkpoint import atomic_save, load_model_checkpoint, plain_state_dict
+from models.factory import check_model_args, load_model, make_model
+from utils.checkpoint import atomic_save, plain_state_dict
 from utils.cli import add_common_args, check_positive
 from utils.device import make_runtime
 from utils.errors import ArgumentParser, run_cli
-from utils.evaluation import backdoor_metrics
+from utils.evaluation import backdoor_metrics, eval_sets_for
 from utils.run_log import Timer, run_metadata, start_run, write_metrics
 from utils.training import sgd_with_schedule, train_epoch
 
@@ -33,17 +33,12 @@ def parse_args(argv=None):
     p.add_argument("--schedule", type=int, nargs="+", default=[100, 150], help="epochs at which lr drops by 10x")
     p.add_argument("--save-every", type=int, default=20)
     p.add_argument("--output-dir", default="logs/models/")
-    p.add_argument("--poison-type", default="badnets", choices=list(ATTACKS), metavar="NAME",
-                   help=f"the attack: {' | '.join(ATTACKS)} (README's attack table)")
-    p.add_argument("--poison-target", type=int, default=0)
-    p.add_argument("--target-type", default="all2one", choices=["all2one", "all2all"],
-                   help="all2all: y -> (y + 1) mod C (patch attacks)")
     p.add_argument("--augment", default=None, choices=list(AUGMENTATIONS),
                    help="training augmentation (default: the dataset's, crop-flip for CIFAR-10 and Fashion-MNIST); "
                         "recorded in trigger_info.th so the defenses augment their clean data alike")
     p.add_argument("--poison-candidates", default="non-target", choices=CANDIDATE_RULES,
                    help="non-target: rate × non-target images (ANP, default); all: rate × all images (RNP)")
-    add_attack_options(p)
+    add_attack_args(p)
     return p.parse_args(argv)
 
 
@@ -51,10 +46,7 @@ def given_clean_model(args, attack, spec, runtime):
     """``--clean-model`` loaded (a one-line error if it does not fit), or None."""
     if not attack.opts.get("clean_model"):
         return None
-    model = make_model(args.arch, spec, args.width, masked=False, runtime=runtime)
-    load_model_checkpoint(model, attack.opts["clean_model"], model_description(args.arch, args.width, spec),
-                          "--clean-model")
-    return model
+    return load_model(attack.opts["clean_model"], args.arch, spec, args.width, runtime, argument="--clean-model")
 
 
 def train_surrogate(args, attack, spec, runtime, images, labels, transform, log):
@@ -79,7 +71,7 @@ def main(args) -> dict:
     check_model_args(args.arch, args.width)
     # Every attack option is checked here, before anything is written.
     attack = create_attack(args.poison_type, args.poison_target, spec.num_classes, spec.image_shape,
-                           args.target_type, **attack_options_from_args(args))
+                           args.target_type, **attack_kwargs(args)["attack_options"])
     runtime = make_runtime(args.device, args.amp)
     surrogate = given_clean_model(args, attack, spec, runtime)
     data = load_dataset(spec.name, args.data_dir)
@@ -114,7 +106,7 @@ def main(args) -> dict:
 
     images, labels = poisoned.images.to(runtime.device), poisoned.labels.to(runtime.device)
     hook = attack.training_hook(poisoned, runtime.device, transform.normalize)
-    eval_sets = make_eval_sets(data.test_images, data.test_labels, attack, runtime.device)
+    eval_sets = eval_sets_for(attack, data.test_images, data.test_labels, runtime.device)
     model = make_model(args.arch, spec, args.width, masked=False, runtime=runtime)
     optimizer, scheduler = sgd_with_schedule(model, args.lr, args.schedule)
     atomic_save(plain_state_dict(model), os.path.join(args.output_dir, "model_init.th"))
@@ -129,7 +121,7 @@ def main(args) -> dict:
                                             batch_hook=hook)
         scheduler.step()
         if attack.learns_trigger:  # the trigger generator changed with the model
-            eval_sets = make_eval_sets(data.test_images, data.test_labels, attack, runtime.device)
+            eval_sets = eval_sets_for(attack, data.test_images, data.test_labels, runtime.device)
         m = backdoor_metrics(model, eval_sets, transform.normalize, autocast=runtime.autocast)
         seconds = timer() - start
         log(f"{epoch} \t {lr:.3f} \t {seconds:.1f} \t {train_loss:.4f} \t {train_acc:.4f} \t {m['poison_loss']:.4f} \t "

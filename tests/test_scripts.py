@@ -131,17 +131,15 @@ def test_same_seed_same_model(tiny_cifar, tmp_path):
 
 def evaluate_checkpoint(pipeline, path: str) -> dict:
     """ACC / ASR / RA of a saved checkpoint, re-evaluated here on the whole test sets."""
-    from defenses.setup import make_model, prepare_defense_data
-    from utils.checkpoint import load_model_checkpoint
+    from defenses.defense_data import prepare_defense_data
+    from models.factory import load_model
     from utils.device import make_runtime
     from utils.evaluation import backdoor_metrics
 
     runtime = make_runtime("cpu")
     data = prepare_defense_data(dataset=None, data_dir=pipeline["data"][1], trigger_info_path=pipeline["info"],
-                                val_frac=0.05, seed=0, runtime=runtime, poison_type="badnets", poison_target=0,
-                                log=lambda *_: None)
-    model = make_model("resnet18", data.spec, 8, masked=False, runtime=runtime)
-    load_model_checkpoint(model, path, "test")
+                                val_frac=0.05, seed=0, runtime=runtime, log=lambda *_: None)
+    model = load_model(path, "resnet18", data.spec, 8, runtime)
     return backdoor_metrics(model, data.eval_sets, data.transform.normalize)
 
 
@@ -254,8 +252,7 @@ def test_bad_input_is_one_line(tiny_cifar, tmp_path, script, args, needle):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result.stderr
-    if script == "train_backdoor_cifar.py":  # stage 1 checks everything before it writes anything
-        assert not (tmp_path / "out").exists(), "nothing is written on bad input"
+    assert not (tmp_path / "out").exists(), "every script checks its input before it writes anything"
 
 
 @pytest.mark.slow
@@ -322,7 +319,7 @@ def test_functions_raise_user_errors_in_process(tiny_cifar, tmp_path):
 
 @pytest.mark.slow
 def test_defense_augmentation_follows_the_trigger_info(pipeline, tmp_path):
-    from defenses.setup import prepare_defense_data
+    from defenses.defense_data import prepare_defense_data
     from utils.device import make_runtime
 
     def prepare(info_path, augment=None):

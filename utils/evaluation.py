@@ -49,12 +49,19 @@ def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
 
 @dataclass
 class EvalSets:
-    """The clean test set and the poisoned test set (uint8 images on the device)."""
+    """The clean test set and the poisoned test set (uint8 images, or float pixel values, on the device)."""
     clean_images: torch.Tensor
     clean_labels: torch.Tensor
     poison_images: torch.Tensor
     poison_targets: torch.Tensor  # what the backdoor outputs
     poison_true: torch.Tensor  # the images' true classes (for RA)
+
+
+def eval_sets_for(attack, test_images: torch.Tensor, test_labels: torch.Tensor, device) -> EvalSets:
+    """The clean test set and ``attack``'s poisoned test set (``attack.test_set``) on ``device``."""
+    poison_images, poison_targets, poison_true = attack.test_set(test_images, test_labels)
+    return EvalSets(test_images.to(device), test_labels.to(device), poison_images.to(device),
+                    poison_targets.to(device), poison_true.to(device))
 
 
 def backdoor_metrics(model: torch.nn.Module, sets: EvalSets, transform: Callable, batch_size: int | None = None,

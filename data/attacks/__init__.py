@@ -33,5 +33,20 @@ def attack_from_record(record: dict) -> Attack:
     raise ValueError("trigger info has no known 'attack' with 'options' and no 'trigger_pattern'")
 
 
-__all__ = ["ATTACKS", "Attack", "AttackError", "Option", "PatternAttack", "PoisonedSet", "attack_from_record",
+def attack_for_defense(trigger_info: dict | None, num_classes: int, image_shape, *, poison_type: str,
+                       poison_target: int, target_type: str = "all2one", options: dict | None = None) -> Attack:
+    """The attack a defense reports against: the trigger info's, else one built from command-line options
+    (refused for attacks whose trigger is made during training: only their trigger info has it)."""
+    if trigger_info is not None:
+        attack = attack_from_record(trigger_info)
+        attack.num_classes = num_classes
+        return attack
+    attack = create_attack(poison_type, poison_target, num_classes, image_shape, target_type, **(options or {}))
+    if attack.needs_surrogate or attack.learns_trigger:
+        raise AttackError("--trigger-info", f"the {poison_type} trigger is made during training; give the "
+                          f"trigger_info.th that train_backdoor_cifar.py wrote")
+    return attack
+
+
+__all__ = ["attack_for_defense", "ATTACKS", "Attack", "AttackError", "Option", "PatternAttack", "PoisonedSet", "attack_from_record",
            "create_attack", "option_flag"]

@@ -6,7 +6,7 @@ an option given to an attack that does not have it is an error naming the flag.
 """
 from __future__ import annotations
 
-from .base import ATTACKS, option_flag
+from .base import ATTACKS, TARGET_TYPES, option_flag
 
 
 def all_options() -> dict:
@@ -31,3 +31,21 @@ def add_attack_options(parser, group_title: str = "attack options (defaults depe
 def attack_options_from_args(args) -> dict:
     """The attack options given on the command line (None = left out)."""
     return {key: getattr(args, key) for key in all_options() if getattr(args, key, None) is not None}
+
+
+def add_attack_args(parser, condition: str = "") -> None:
+    """``--poison-type``, ``--poison-target``, ``--target-type`` and every attack option, defined once for
+    stage 1 and the defense scripts (``condition``, e.g. "without --trigger-info: ", prefixes the help)."""
+    parser.add_argument("--poison-type", default="badnets", choices=list(ATTACKS), metavar="NAME",
+                        help=f"{condition}the attack: {' | '.join(ATTACKS)} (README's attack table)")
+    parser.add_argument("--poison-target", type=int, default=0, help=f"{condition}the target class")
+    parser.add_argument("--target-type", default="all2one", choices=list(TARGET_TYPES),
+                        help=f"{condition}all2one, or all2all: y -> (y + 1) mod C (patch and generator attacks)")
+    add_attack_options(parser, f"attack options{', ' + condition.rstrip(': ') if condition else ''} "
+                               f"(defaults depend on --poison-type)")
+
+
+def attack_kwargs(args) -> dict:
+    """The attack as keywords (``poison_type``, ``poison_target``, ``target_type``, ``attack_options``)."""
+    return {"poison_type": args.poison_type, "poison_target": args.poison_target, "target_type": args.target_type,
+            "attack_options": attack_options_from_args(args)}
