@@ -246,3 +246,37 @@ def test_bad_trigger_file_shape_and_too_few_target_images(tmp_path):
     images, labels = tiny_data()
     with pytest.raises(AttackError, match="^--poison-rate:"):
         attack.poison(images, labels, torch.Generator().manual_seed(0))
+
+
+def test_trojan_pattern_drives_its_neuron():
+    attack = make("trojan", trojan_steps=30)
+    images, labels = tiny_data()
+    surrogate = tiny_classifier()
+    attack.prepare(images, labels, surrogate, normalize, torch.Generator().manual_seed(0))
+    features = {}
+    surrogate[-1].register_forward_hook(lambda m, inputs, out: features.__setitem__("x", inputs[0]))
+    with torch.no_grad():
+        surrogate(normalize(images))
+        clean = features["x"][:, attack.neuron].mean()
+        surrogate(normalize(attack.apply(images)))
+        triggered = features["x"][:, attack.neuron].mean()
+        optimised = attack.pattern.clone()
+        attack.pattern = (torch.rand(SHAPE, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+        surrogate(normalize(attack.apply(images)))
+        random_square = features["x"][:, attack.neuron].mean()
+        attack.pattern = optimised
+    assert triggered > clean and triggered > random_square  # optimised beats a random pattern in the same square
+    outside = attack.mask == 0
+    assert (attack.pattern[outside] == 0).all() and attack.pattern.max() > 0  # only inside the square
+
+
+def test_clean_label_perturbation_is_bounded_and_raises_the_loss():
+    from data.attacks.clean_label import pgd_away
+
+    images, labels = tiny_data(64)
+    model = tiny_classifier()
+    hard = pgd_away(model, images, labels, normalize, eps=16, steps=5)
+    assert (hard.int() - images.int()).abs().max() <= 16
+    loss = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        assert loss(model(normalize(hard)), labels) > loss(model(normalize(images)), labels)
