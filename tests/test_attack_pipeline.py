@@ -49,3 +49,5 @@ def test_attack_through_both_defenses(name, tiny_cifar, tmp_path):
         assert point["threshold"] == 0.2 and 0 <= point["asr"] <= 1 and 0 <= point["clean_acc"] <= 1
     saved = json.loads((tmp_path / "backdoor" / "metrics.json").read_text())
     assert saved["attack_options"] == stage1["attack_options"] and saved["timings"]["train_seconds"] > 0
+    for metrics in (saved, stage2, stage3, rnp):  # one process per stage: its peak memory
+        assert metrics["peak_memory_mib"]["host"] > 0

@@ -58,7 +58,18 @@ def run_metadata(args, runtime=None) -> dict:
         "seed": getattr(args, "seed", None),
         "device": str(runtime.device) if runtime is not None else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "peak_memory_mib": peak_memory_mib(runtime),
     }
+
+
+def peak_memory_mib(runtime=None) -> dict:
+    """Peak memory of this process so far (one process per stage): host RSS, and CUDA allocations on a GPU."""
+    import resource
+
+    peak = {"host": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    if runtime is not None and runtime.device.type == "cuda":
+        peak["cuda"] = round(torch.cuda.max_memory_allocated(runtime.device) / 2 ** 20, 1)
+    return peak
 
 
 def write_metrics(path: str, metrics: dict) -> None:
