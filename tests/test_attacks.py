@@ -280,3 +280,21 @@ def test_clean_label_perturbation_is_bounded_and_raises_the_loss():
     loss = torch.nn.functional.cross_entropy
     with torch.no_grad():
         assert loss(model(normalize(hard)), labels) > loss(model(normalize(images)), labels)
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_defense_without_trigger_info_rebuilds_fixed_triggers_only(name):
+    """A defense without a trigger info can rebuild fixed triggers from options; learnt or crafted ones
+    exist only in the trigger info, which the error asks for."""
+    from data.attacks import attack_for_defense
+
+    built = make(name, target=1)
+    if built.needs_surrogate or built.learns_trigger:
+        with pytest.raises(AttackError, match="^--trigger-info:"):
+            attack_for_defense(None, 10, SHAPE, poison_type=name, poison_target=1, options=OPTIONS.get(name))
+        return
+    attack = attack_for_defense(None, 10, SHAPE, poison_type=name, poison_target=1, options=OPTIONS.get(name))
+    images, labels = tiny_data()
+    x, _, _ = attack.test_set(images, labels)
+    again, _, _ = built.test_set(images, labels)
+    assert torch.equal(x, again)  # the same trigger as stage 1 builds from the same options
