@@ -1,6 +1,8 @@
 """A PNG grid of clean test images and the same images with each attack's trigger, from trigger infos.
 
-Usage: python3 scripts/show_triggers.py OUT.png RUN_DIR [RUN_DIR ...]   (each RUN_DIR holds trigger_info.th)
+Usage: python3 scripts/show_triggers.py OUT.png SOURCE [SOURCE ...]
+SOURCE: a run folder holding trigger_info.th, or the name of an attack with a fixed trigger (built with its
+defaults for the first run's dataset, else Fashion-MNIST).
 Rows: the clean images, then one row per attack (its poisoned test set, rebuilt from the trigger info alone),
 then the amplified difference |poisoned − clean| × 4 of the last attack, to see faint triggers.
 """
@@ -17,20 +19,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from data import attack_from_record, get_spec, load_dataset  # noqa: E402
+from data import ATTACKS, attack_from_record, create_attack, get_spec, load_dataset  # noqa: E402
 from data.trigger_info import load_trigger_info  # noqa: E402
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    out, runs = argv[0], argv[1:]
-    records = [load_trigger_info(os.path.join(r, "trigger_info.th")) for r in runs]
-    data = load_dataset(get_spec(records[0]["dataset"]).name, "../data")
+    out, sources = argv[0], argv[1:]
+    records = [load_trigger_info(os.path.join(r, "trigger_info.th")) if r not in ATTACKS else None for r in sources]
+    spec = get_spec(next((r["dataset"] for r in records if r), "fashion-mnist"))
+    data = load_dataset(spec.name, "../data")
     pick = torch.arange(8) * 37 + 1
     clean = data.test_images[pick]
     rows = [("clean", clean.float())]
-    for run, record in zip(runs, records):
-        parts = os.path.normpath(run).split(os.sep)
+    for source, record in zip(sources, records):
+        if record is None:
+            rows.append((source, create_attack(source, 0, spec.num_classes, spec.image_shape).apply(clean).float()))
+            continue
+        parts = os.path.normpath(source).split(os.sep)
         name = parts[-2] if parts[-1] == "backdoor" and len(parts) > 1 else parts[-1]
         rows.append((name, attack_from_record(record).apply(clean).float()))
     rows.append((f"|{rows[-1][0]} − clean| × 4", ((rows[-1][1] - clean.float()).abs() * 4).clamp(0, 255)))
@@ -43,7 +49,7 @@ def main(argv=None) -> None:
             axes[r, c].set_yticks([])
         axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=60)
 
 
 if __name__ == "__main__":
