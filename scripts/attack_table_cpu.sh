@@ -4,6 +4,7 @@
 # clean-data point). Resumable: a stage whose metrics.json exists is skipped. Two attacks run side by
 # side with one thread each. Usage: scripts/attack_table_cpu.sh [STAGES] [ATTACK ...]
 #   STAGES: "train,rnp,anp" (default) or a subset; ATTACK: a name, or NAME:all2all.
+#   EXTRA_TRAIN: more stage-1 flags, e.g. EXTRA_TRAIN="--epoch 8 --schedule 4 6" (with another OUT).
 # Then: python3 scripts/attack_table.py runs/attacks > table.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
