@@ -48,5 +48,5 @@ def attack_for_defense(trigger_info: dict | None, num_classes: int, image_shape,
     return attack
 
 
-__all__ = ["attack_for_defense", "ATTACKS", "Attack", "AttackError", "Option", "PatternAttack", "PoisonedSet", "attack_from_record",
-           "create_attack", "option_flag"]
+__all__ = ["ATTACKS", "Attack", "AttackError", "Option", "PatternAttack", "PoisonedSet", "attack_for_defense",
+           "attack_from_record", "create_attack", "option_flag"]

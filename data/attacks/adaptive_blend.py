@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Option, PoisonedSet, rate_option, register
+from .base import Option, PoisonedSet, register
 from .blend import Blend
 from .pattern import blend_rule
 
@@ -33,8 +33,8 @@ class AdaptiveBlend(Blend):
     paper = "Qi et al., ICLR 2023"
     target_types = ("all2one",)
     options = {**Blend.options,
-               "poison_rate": rate_option(0.003, "share of the candidate images poisoned"),
-               "cover_rate": rate_option(0.003, "share of the candidate images given the trigger with their labels"),
+               "poison_rate": Option(0.003, float, "share of the candidate images poisoned"),
+               "cover_rate": Option(0.003, float, "share of the candidate images given the trigger with their labels"),
                "trigger_alpha": Option(0.2, float, "blend opacity at test"),
                "train_alpha": Option(0.15, float, "blend opacity of the training poisons and covers"),
                "pieces": Option(4, int, "the trigger is cut into pieces × pieces cells", low=1),
@@ -43,10 +43,7 @@ class AdaptiveBlend(Blend):
     def poison(self, images, labels, generator, candidates="non-target") -> PoisonedSet:
         opts = self.opts
         poison = self.choose(labels, opts["poison_rate"], generator, candidates)
-        pool = torch.arange(len(labels))
-        pool = pool[~torch.isin(pool, poison)]
-        count = min(len(pool), int(opts["cover_rate"] * len(self.candidate_pool(labels, candidates))))
-        cover = pool[torch.randperm(len(pool), generator=generator)[:count]].sort().values
+        cover = self.choose_covers(labels, opts["cover_rate"], poison, generator, candidates)
         images, labels = images.clone(), labels.clone()
         both = torch.cat([poison, cover])
         if len(both):

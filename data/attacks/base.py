@@ -70,10 +70,6 @@ def option_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def rate_option(default: float, what: str) -> Option:
-    return Option(default, float, what)
-
-
 def register(cls: type["Attack"]) -> type["Attack"]:
     """Class decorator: make ``cls`` available as ``--poison-type cls.name``."""
     if cls.name in ATTACKS:
@@ -102,7 +98,7 @@ class Attack:
     float_output = False  # apply() returns float32 pixel values
     learns_trigger = False  # the trigger changes during training (re-create the poisoned test set per epoch)
     target_types: tuple[str, ...] = ("all2one",)
-    options: dict[str, Option] = {"poison_rate": rate_option(0.05, "share of the candidate images poisoned")}
+    options: dict[str, Option] = {"poison_rate": Option(0.05, float, "share of the candidate images poisoned")}
 
     def __init__(self, target: int, num_classes: int, image_shape, target_type: str = "all2one",
                  state: dict | None = None, **options):
@@ -157,14 +153,19 @@ class Attack:
             return (labels != self.target).nonzero().flatten()
         return torch.arange(len(labels))
 
-    def choose(self, labels: torch.Tensor, rate: float, generator: torch.Generator, candidates: str = "non-target",
-               exclude: torch.Tensor | None = None) -> torch.Tensor:
+    def choose(self, labels: torch.Tensor, rate: float, generator: torch.Generator,
+               candidates: str = "non-target") -> torch.Tensor:
         """``rate`` × (size of the candidate pool) indices drawn from the pool, sorted."""
         pool = self.candidate_pool(labels, candidates)
-        count = int(rate * len(pool))
-        if exclude is not None and len(exclude):
-            pool = pool[~torch.isin(pool, exclude)]
-        count = min(count, len(pool))
+        return pool[torch.randperm(len(pool), generator=generator)[:int(rate * len(pool))]].sort().values
+
+    def choose_covers(self, labels: torch.Tensor, rate: float, poison: torch.Tensor, generator: torch.Generator,
+                      candidates: str = "non-target") -> torch.Tensor:
+        """Cover images (trigger, own label): ``rate`` × (size of the candidate pool) indices drawn from every
+        image that is not a poison, sorted."""
+        pool = torch.arange(len(labels))
+        pool = pool[~torch.isin(pool, poison)]
+        count = min(len(pool), int(rate * len(self.candidate_pool(labels, candidates))))
         return pool[torch.randperm(len(pool), generator=generator)[:count]].sort().values
 
     def check_poison_count(self, labels: torch.Tensor, candidates: str = "non-target") -> None:
@@ -183,14 +184,10 @@ class Attack:
         indices = self.choose(labels, self.opts.get("poison_rate", 0.0), generator, candidates)
         images, labels = images.clone(), labels.clone()
         if len(indices):
-            images[indices] = self.train_trigger(images[indices])
+            images[indices] = self.apply(images[indices])
             if not self.clean_label:
                 labels[indices] = self.target_labels(labels[indices])
         return PoisonedSet(images, labels, indices, torch.empty(0, dtype=torch.long))
-
-    def train_trigger(self, images: torch.Tensor) -> torch.Tensor:
-        """The trigger as stamped on training poisons (uint8); the test trigger unless the attack differs."""
-        return self.apply(images)
 
     def training_hook(self, poisoned: PoisonedSet, device, normalize: Callable) -> Callable | None:
         """A per-batch hook ``(model, images, labels, batch_index) -> (images, labels)`` or None.
@@ -233,11 +230,6 @@ def create_attack(name: str, target: int, num_classes: int, image_shape, target_
     if name not in ATTACKS:
         raise AttackError("--poison-type", f"unknown attack {name!r}; expected one of {', '.join(ATTACKS)}")
     return ATTACKS[name](target, num_classes, image_shape, target_type, **options)
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 or float pixel values (0–255) -> float32 in [0, 1] (a new tensor)."""
-    return images.to(torch.float32) / 255
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:

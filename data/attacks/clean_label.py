@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .badnets import corner_patch
-from .base import Attack, AttackError, Option, PoisonedSet, rate_option, register
+from .base import Attack, AttackError, Option, PoisonedSet, register
 from .pattern import blend_rule
 from .trojan import SURROGATE_OPTIONS
 
@@ -51,7 +51,7 @@ class CleanLabel(Attack):
     name = "clean-label"
     paper = "Turner et al., Label-Consistent Backdoor Attacks, 2019"
     clean_label = True
-    options = {"poison_rate": rate_option(0.8, "share of the target-class images poisoned"), **SURROGATE_OPTIONS,
+    options = {"poison_rate": Option(0.8, float, "share of the target-class images poisoned"), **SURROGATE_OPTIONS,
                "pgd_eps": Option(16.0, float, "L-inf budget of the adversarial perturbation, in grey levels", low=0),
                "pgd_steps": Option(10, int, "PGD steps (step size eps/4)", low=0),
                "clb_dir": Option(None, str, "folder with the original's adversarial train_images.npy/train_labels.npy")}

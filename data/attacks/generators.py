@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Attack, Option, PoisonedSet, rate_option
+from .base import Attack, Option, PoisonedSet
 
 
 class ImageGenerator(nn.Module):
@@ -36,7 +36,7 @@ class ImageGenerator(nn.Module):
 
 
 GENERATOR_OPTIONS = {
-    "poison_rate": rate_option(0.1, "share of every training batch poisoned by the generator"),
+    "poison_rate": Option(0.1, float, "share of every training batch poisoned by the generator"),
     "generator_lr": Option(1e-3, float, "Adam learning rate of the trigger generator"),
     "generator_width": Option(16, int, "channels of the trigger generator", low=1),
 }

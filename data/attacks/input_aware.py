@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Option, rate_option, register
+from .base import Option, register
 from .generators import GENERATOR_OPTIONS, GeneratorAttack, ImageGenerator
 
 
@@ -25,7 +25,7 @@ class InputAware(GeneratorAttack):
     name = "dynamic"
     paper = "Nguyen & Tran, Input-Aware Dynamic Backdoor Attack, NeurIPS 2020"
     options = {**GENERATOR_OPTIONS,
-               "cross_rate": rate_option(0.1, "share of every batch given another image's trigger, label kept"),
+               "cross_rate": Option(0.1, float, "share of every batch given another image's trigger, label kept"),
                "lambda_div": Option(1.0, float, "weight of the diversity loss"),
                "mask_density": Option(0.032, float, "mean mask value above which the mask is penalised")}
 

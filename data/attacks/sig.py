@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .base import Attack, Option, rate_option, register, to_uint8
+from .base import Attack, Option, register, to_uint8
 
 
 @register
@@ -20,7 +20,7 @@ class SIG(Attack):
     name = "sig"
     paper = "Barni et al., ICIP 2019"
     clean_label = True
-    options = {"poison_rate": rate_option(0.8, "share of the target-class images poisoned"),
+    options = {"poison_rate": Option(0.8, float, "share of the target-class images poisoned"),
                "sig_delta": Option(20.0, float, "signal amplitude in grey levels"),
                "sig_freq": Option(6.0, float, "signal frequency (periods over the image width)")}
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Attack, Option, PoisonedSet, rate_option, register, to_uint8
+from .base import Attack, Option, PoisonedSet, register, to_uint8
 
 FIELD_SEED = 4321
 
@@ -46,7 +46,7 @@ def warp(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 class WaNet(Attack):
     name = "wanet"
     paper = "Nguyen & Tran, ICLR 2021"
-    options = {"poison_rate": rate_option(0.1, "share of the candidate images poisoned"),
+    options = {"poison_rate": Option(0.1, float, "share of the candidate images poisoned"),
                "cross_ratio": Option(2.0, float, "noise mode: cover images = cross ratio × poison rate (0: off)",
                                      low=0),
                "warp_k": Option(4, int, "side of the random field before upsampling", low=2),
@@ -61,10 +61,7 @@ class WaNet(Attack):
     def poison(self, images, labels, generator, candidates="non-target") -> PoisonedSet:
         poisoned = super().poison(images, labels, generator, candidates)
         cover_rate = min(1.0, self.opts["cross_ratio"] * self.opts["poison_rate"])
-        pool = torch.arange(len(labels))
-        pool = pool[~torch.isin(pool, poisoned.poison_indices)]
-        count = min(len(pool), int(cover_rate * len(self.candidate_pool(labels, candidates))))
-        poisoned.cover_indices = pool[torch.randperm(len(pool), generator=generator)[:count]].sort().values
+        poisoned.cover_indices = self.choose_covers(labels, cover_rate, poisoned.poison_indices, generator, candidates)
         return poisoned
 
     def training_hook(self, poisoned: PoisonedSet, device, normalize):
@@ -76,12 +73,11 @@ class WaNet(Attack):
         h = self.image_shape[0]
 
         def hook(model, images, labels, batch_index):
-            cover = is_cover[batch_index]
-            if cover.any():
-                images = images.clone()
-                noise = (torch.rand(int(cover.sum()), *grid.shape, device=device) * 2 - 1) / h
-                images[cover] = warp(images[cover], (grid.unsqueeze(0) + noise).clamp(-1, 1))
-            return images, labels
+            # The whole batch is warped with fresh noise and the covers picked by a mask: no host sync per
+            # batch (counting the covers would need one), at the cost of a grid_sample over a small batch.
+            cover = is_cover[batch_index].view(-1, 1, 1, 1)
+            noise = (torch.rand(len(images), *grid.shape, device=device) * 2 - 1) / h
+            return torch.where(cover, warp(images, (grid.unsqueeze(0) + noise).clamp(-1, 1)), images), labels
         return hook
 
     def state(self) -> dict:
