@@ -75,7 +75,8 @@ def main(args) -> dict:
     runtime = make_runtime(args.device, args.amp)
     surrogate = given_clean_model(args, attack, spec, runtime)
     data = load_dataset(spec.name, args.data_dir)
-    permutation = split_permutation(len(data.train_labels), args.seed)
+    attack.check_data(spec.name, data.train_labels, data.test_labels)
+    permutation = attack.arrange_split(split_permutation(len(data.train_labels), args.seed))
     train_idx = attacker_indices(permutation)  # the held-out 10% is never poisoned or trained on
     images, labels = data.train_images[train_idx], data.train_labels[train_idx]
     attack.check_poison_count(labels, args.poison_candidates)
@@ -139,10 +140,13 @@ def main(args) -> dict:
                "poison_target": attack.target, "poisoned_images": len(poisoned.poison_indices),
                "cover_images": len(poisoned.cover_indices), "augmentation": augmentation,
                "clean_acc": final["clean_acc"], "asr": final["asr"], "ra": final["ra"],
+               **({"source_class": attack.source_class, "source_acc": final["source_acc"]}
+                  if attack.source_class is not None else {}),
                "timings": {"prepare_seconds": prepare_seconds, "train_seconds": timer() - prepare_seconds,
                            "total_seconds": timer()}, "epochs": history}
     write_metrics(os.path.join(args.output_dir, "metrics.json"), metrics)
-    log(f"final: ACC {final['clean_acc']:.4f} ASR {final['asr']:.4f} RA {final['ra']:.4f} "
+    source = f" source-class ACC {final['source_acc']:.4f}" if "source_acc" in final else ""
+    log(f"final: ACC {final['clean_acc']:.4f} ASR {final['asr']:.4f} RA {final['ra']:.4f}{source} "
         f"({timer():.0f} s); model in {os.path.join(args.output_dir, 'last_model.th')}")
     log.close()
     return metrics

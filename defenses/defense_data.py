@@ -58,13 +58,14 @@ def prepare_defense_data(*, dataset: str | None, data_dir: str, trigger_info_pat
         raise UserError(f"--trigger-info: unknown augmentation {recorded!r}; expected one of "
                         f"{', '.join(AUGMENTATIONS)}")
     data = load_dataset(spec.name, data_dir)
+    attack.check_data(spec.name, data.train_labels, data.test_labels)
     permutation = trigger_info.get("split_permutation") if trigger_info else None
     if trigger_info is None:
         log(f"no trigger info given: attack {poison_type} rebuilt from the options; held-out split from --seed {seed}")
     elif permutation is None:
         log(f"trigger info has no recorded split: the held-out clean split is drawn with --seed {seed}")
-    permutation = torch.as_tensor(split_permutation(len(data.train_labels), seed) if permutation is None
-                                  else permutation).long()
+    permutation = torch.as_tensor(attack.arrange_split(split_permutation(len(data.train_labels), seed))
+                                  if permutation is None else permutation).long()
     if len(permutation) != len(data.train_labels):
         raise UserError(f"--trigger-info: its split covers {len(permutation)} images, the dataset has "
                         f"{len(data.train_labels)}; was it made for another dataset?")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from utils.checkpoint import atomic_write_text
+from utils.plots import pyplot, save_figure
 from utils.errors import UserError
 
 from .operating_point import OPERATING_POINTS, defense_accuracy_stop
@@ -158,12 +159,8 @@ def read_pruning_file(path: str) -> list[list[str]]:
 
 def plot_pruning_curve(rows: list[PruningRow], mode: str, path: str, before: dict | None = None,
                        operating_point: float | None = None, title: str = "") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     xs = [r.value if mode == "threshold" else r.pruned for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     ax.plot(xs, [r.metrics["clean_acc"] for r in rows], "o-", label="ACC (clean test)")
     ax.plot(xs, [r.metrics["asr"] for r in rows], "s-", label="ASR (poisoned test)")
     ax.plot(xs, [r.metrics["ra"] for r in rows], "^-", label="RA (poisoned test)", alpha=0.7)
@@ -180,11 +177,7 @@ def plot_pruning_curve(rows: list[PruningRow], mode: str, path: str, before: dic
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".part.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _choose_operating_point(rows: list[PruningRow], values, before: dict, operating_point: str,
@@ -253,7 +246,7 @@ def prune_and_report(load_original: Callable[[], torch.nn.Module], values, *, mo
         f"ASR {before['asr']:.4f} RA {before['ra']:.4f})")
     plot_pruning_curve(rows, mode, os.path.join(output_dir, f"pruning_by_{mode}.png"), before,
                        threshold, title)
-    keys = ("clean_acc", "asr", "ra", "clean_loss", "poison_loss", "defense_acc")
+    keys = ("clean_acc", "asr", "ra", "source_acc", "clean_loss", "poison_loss", "defense_acc")
     summary = lambda m: {k: m[k] for k in keys if k in m}  # noqa: E731
     point = {**summary(after), "threshold": threshold, "neurons_pruned": pruned, "neurons_total": len(values),
              "rule": operating_point}

@@ -57,10 +57,16 @@ class MobileNetV2(nn.Module):
         self.bn2 = norm_layer(head)
         self.linear = nn.Linear(head, num_classes)
 
+    def stages(self) -> list:
+        """(name, function) in forward order; ``models.split`` cuts the network between two of them."""
+        return [("stem", lambda x: F.relu(self.bn1(self.conv1(x)))), ("layers", self.layers),
+                ("conv2", lambda x: F.relu(self.bn2(self.conv2(x)))),
+                ("pool", lambda x: F.adaptive_avg_pool2d(x, 1).flatten(1)), ("linear", self.linear)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(self.layers(out))))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        for _, stage in self.stages():
+            x = stage(x)
+        return x
 
 
 def mobilenetv2(num_classes: int = 10, norm_layer=None, in_channels: int = 3, width: int = 64) -> MobileNetV2:

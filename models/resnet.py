@@ -75,12 +75,18 @@ class ResNet(nn.Module):
             self.in_planes = planes * block.expansion
         return nn.Sequential(*layers)
 
+    def stages(self) -> list:
+        """(name, function) in forward order; ``models.split`` cuts the network between two of them."""
+        return [("stem", lambda x: F.relu(self.bn1(self.conv1(x)))),
+                ("layer1", self.layer1), ("layer2", self.layer2), ("layer3", self.layer3), ("layer4", self.layer4),
+                # Adaptive pooling equals the original's avg_pool2d(out, 4) on 32x32 (and 28x28) inputs.
+                ("pool", lambda x: F.adaptive_avg_pool2d(x, 1).flatten(1)),
+                ("linear", self.linear)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        # Adaptive pooling equals the original's avg_pool2d(out, 4) on 32x32 (and 28x28) inputs.
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
+        for _, stage in self.stages():
+            x = stage(x)
+        return x
 
 
 def resnet18(num_classes: int = 10, norm_layer=None, in_channels: int = 3, width: int = 64) -> ResNet:

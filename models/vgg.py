@@ -28,9 +28,16 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(channels, num_classes)
 
+    def stages(self) -> list:
+        """(name, function) in forward order; ``models.split`` cuts the network between two of them."""
+        return [("features", self.features),
+                ("pool", lambda x: torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)),
+                ("classifier", self.classifier)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.features(x)
-        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
+        for _, stage in self.stages():
+            x = stage(x)
+        return x
 
 
 def vgg19_bn(num_classes: int = 10, norm_layer=None, in_channels: int = 3, width: int = 64) -> VGG:

@@ -13,14 +13,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from data import ATTACKS, attack_from_record, create_attack, get_spec, load_dataset  # noqa: E402
 from data.trigger_info import load_trigger_info  # noqa: E402
+from utils.plots import pyplot, save_figure  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -40,7 +37,7 @@ def main(argv=None) -> None:
         name = parts[-2] if parts[-1] == "backdoor" and len(parts) > 1 else parts[-1]
         rows.append((name, attack_from_record(record).apply(clean).float()))
     rows.append((f"|{rows[-1][0]} − clean| × 4", ((rows[-1][1] - clean.float()).abs() * 4).clamp(0, 255)))
-    fig, axes = plt.subplots(len(rows), len(pick), figsize=(len(pick) * 1.1, len(rows) * 1.2))
+    fig, axes = pyplot().subplots(len(rows), len(pick), figsize=(len(pick) * 1.1, len(rows) * 1.2))
     for r, (name, images) in enumerate(rows):
         for c in range(len(pick)):
             image = images[c].numpy() / 255
@@ -48,8 +45,7 @@ def main(argv=None) -> None:
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
         axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=60)
+    save_figure(fig, out, dpi=60)
 
 
 if __name__ == "__main__":

@@ -60,3 +60,20 @@ def update_golden(request) -> bool:
 @pytest.fixture(scope="session")
 def tiny_cifar(tmp_path_factory) -> str:
     return write_tiny_cifar(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="session")
+def tiny_semantic(tiny_cifar, tmp_path_factory) -> str:
+    """A semantic-attack file for the tiny data: 30 training and 8 test images of class 1 "have the
+    feature", target 6 (the generated data has no real feature: the lists exercise the plumbing)."""
+    import json
+
+    from data import load_dataset
+
+    data = load_dataset("cifar10", tiny_cifar)
+    train = (data.train_labels == 1).nonzero().flatten()[:30].tolist()
+    test = (data.test_labels == 1).nonzero().flatten()[:8].tolist()
+    path = tmp_path_factory.mktemp("semantic") / "toy.json"
+    path.write_text(json.dumps({"cifar10": {"toy": {"feature": "listed", "source": 1, "target": 6,
+                                                    "train": train, "test": test}}}))
+    return str(path)

@@ -1,4 +1,5 @@
-"""Every registered attack end to end on tiny generated data: stage 1 -> ANP stages 2-3, and rnp_main.py.
+"""Every registered attack end to end on tiny generated data: stage 1 -> ANP stages 2-3, rnp_main.py and
+soda_main.py.
 
 The defenses get only the checkpoint and the trigger info (no attack-specific flag), and must rebuild
 the same poisoned test set: their "before" numbers equal stage 1's final ones.
@@ -12,6 +13,7 @@ import pytest
 import optimize_mask_cifar
 import prune_neuron_cifar
 import rnp_main
+import soda_main
 import train_backdoor_cifar
 from data import ATTACKS
 
@@ -25,11 +27,13 @@ SWEEP = ["--pruning-max", "0.2", "--pruning-step", "0.1"]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(ATTACKS))
-def test_attack_through_both_defenses(name, tiny_cifar, tmp_path):
+def test_attack_through_every_defense(name, tiny_cifar, tiny_semantic, tmp_path):
     data = ["--data-dir", tiny_cifar]
+    fast = FAST.get(name, []) + (["--semantic-file", tiny_semantic, "--semantic-attack", "toy"]
+                                 if name == "semantic" else [])
     stage1 = train_backdoor_cifar.main(train_backdoor_cifar.parse_args(
         COMMON + data + ["--epoch", "1", "--batch-size", "64", "--poison-type", name, "--output-dir",
-                         str(tmp_path / "backdoor")] + FAST.get(name, [])))
+                         str(tmp_path / "backdoor")] + fast))
     assert stage1["attack"] == name and (tmp_path / "backdoor" / "last_model.th").is_file()
     ckpt, info = str(tmp_path / "backdoor" / "last_model.th"), str(tmp_path / "backdoor" / "trigger_info.th")
     anp = ["--checkpoint", ckpt, "--trigger-info", info, "--output-dir", str(tmp_path / "anp"), "--val-frac", "0.05"]
@@ -41,9 +45,16 @@ def test_attack_through_both_defenses(name, tiny_cifar, tmp_path):
         COMMON + data + SWEEP + ["--backdoor_model_path", ckpt, "--trigger_info", info, "--ratio", "0.05",
                                  "--log_root", str(tmp_path / "rnp"), "--output_weight", str(tmp_path / "rnp"),
                                  "--unlearning_epochs", "1", "--recovering_epochs", "1"]))
-    for before in (stage2["before"], stage3["before"], rnp["before"]):
+    soda = soda_main.main(soda_main.parse_args(
+        COMMON + data + ["--checkpoint", ckpt, "--trigger-info", info, "--output-dir", str(tmp_path / "soda"),
+                         "--recon_steps", "5", "--epoch", "1"]))
+    for before in (stage2["before"], stage3["before"], rnp["before"], soda["before"]):
         for key in ("clean_acc", "asr", "ra"):
-            assert before[key] == pytest.approx(stage1[key], abs=1e-6), (key, before, stage1)
+            expected = None if name == "benign" and before is soda["before"] and key != "clean_acc" else stage1[key]
+            assert before[key] == pytest.approx(expected, abs=1e-6), (key, before, stage1)
+    if name == "semantic":  # the source class's accuracy is reported by every stage
+        for before in (stage2["before"], stage3["before"], rnp["before"], soda["before"]):
+            assert before["source_acc"] == pytest.approx(stage1["source_acc"], abs=1e-6)
     for metrics in (stage3, rnp):
         point = metrics["operating_point"]
         assert point["threshold"] == 0.2 and 0 <= point["asr"] <= 1 and 0 <= point["clean_acc"] <= 1

@@ -242,6 +242,10 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("train_backdoor_cifar.py", ["--poison-type", "clean-label", "--clean-model", "/nonexistent.th"], "--clean-model"),
     ("train_backdoor_cifar.py", ["--poison-type", "wanet", "--target-type", "all2all"], "--target-type"),
     ("optimize_mask_cifar.py", ["--checkpoint", "/nonexistent.th", "--poison-type", "lira"], "--trigger-info"),
+    ("train_backdoor_cifar.py", ["--poison-type", "semantic"], "--semantic-attack: stripet is a fashion-mnist"),
+    ("train_backdoor_cifar.py", ["--poison-type", "semantic", "--semantic-attack", "nope"], "--semantic-attack"),
+    ("soda_main.py", ["--checkpoint", "/nonexistent.th"], "--checkpoint"),
+    ("soda_main.py", ["--checkpoint", "x.th", "--recon_per_batch", "64"], "--recon_per_batch"),
 ])
 def test_bad_input_is_one_line(tiny_cifar, tmp_path, script, args, needle):
     if needle == "--device" and torch.cuda.is_available():

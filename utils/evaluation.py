@@ -55,21 +55,34 @@ class EvalSets:
     poison_images: torch.Tensor
     poison_targets: torch.Tensor  # what the backdoor outputs
     poison_true: torch.Tensor  # the images' true classes (for RA)
+    source_class: int | None = None  # the class a semantic backdoor acts on: its clean accuracy is reported
 
 
 def eval_sets_for(attack, test_images: torch.Tensor, test_labels: torch.Tensor, device) -> EvalSets:
-    """The clean test set and ``attack``'s poisoned test set (``attack.test_set``) on ``device``."""
+    """The clean test set (``attack.clean_test_set``) and ``attack``'s poisoned test set (``attack.test_set``)
+    on ``device``."""
     poison_images, poison_targets, poison_true = attack.test_set(test_images, test_labels)
-    return EvalSets(test_images.to(device), test_labels.to(device), poison_images.to(device),
-                    poison_targets.to(device), poison_true.to(device))
+    clean_images, clean_labels = attack.clean_test_set(test_images, test_labels)
+    return EvalSets(clean_images.to(device), clean_labels.to(device), poison_images.to(device),
+                    poison_targets.to(device), poison_true.to(device), attack.source_class)
 
 
 def backdoor_metrics(model: torch.nn.Module, sets: EvalSets, transform: Callable, batch_size: int | None = None,
                      autocast=None) -> dict:
-    """ACC and clean loss on the clean test set; ASR, RA and poison loss on the poisoned test set."""
+    """ACC and clean loss on the clean test set; ASR, RA and poison loss on the poisoned test set; with a
+    ``source_class``, that class's accuracy on the clean test set too (``source_acc``)."""
     clean_logits = predict(model, sets.clean_images, transform, batch_size, autocast)
     clean_loss, clean_acc = loss_and_accuracy(clean_logits, sets.clean_labels)
     poison_logits = predict(model, sets.poison_images, transform, batch_size, autocast)
     poison_loss, asr = loss_and_accuracy(poison_logits, sets.poison_targets)
     _, ra = loss_and_accuracy(poison_logits, sets.poison_true)
-    return {"clean_loss": clean_loss, "clean_acc": clean_acc, "poison_loss": poison_loss, "asr": asr, "ra": ra}
+    metrics = {"clean_loss": clean_loss, "clean_acc": clean_acc, "poison_loss": poison_loss, "asr": asr, "ra": ra}
+    if sets.source_class is not None:
+        metrics["source_acc"] = class_accuracy(clean_logits, sets.clean_labels, sets.source_class)
+    return metrics
+
+
+def class_accuracy(logits: torch.Tensor, labels: torch.Tensor, cls: int) -> float | None:
+    """Accuracy on the images of class ``cls`` (None without any)."""
+    chosen = labels.to(logits.device) == cls
+    return loss_and_accuracy(logits[chosen], labels[chosen])[1] if chosen.any() else None

@@ -20,6 +20,7 @@ def train_epoch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     order = torch.randperm(len(labels), generator=generator).to(images.device)
     total_loss = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device, dtype=torch.long)
+    seen = 0  # a hook may add images to a batch (semantic attacks)
     for idx in tqdm(order.split(batch_size), desc=desc, leave=False, disable=not progress):
         x, y = images[idx], labels[idx]
         if batch_hook is not None:
@@ -31,9 +32,10 @@ def train_epoch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.detach().float() * len(idx)
+        total_loss += loss.detach().float() * len(y)
         correct += (logits.argmax(1) == y).sum()
-    return total_loss.item() / len(labels), correct.item() / len(labels)
+        seen += len(y)
+    return total_loss.item() / max(seen, 1), correct.item() / max(seen, 1)
 
 
 def sgd_with_schedule(model: torch.nn.Module, lr: float, milestones: list[int]):

@@ -98,6 +98,8 @@ class Attack:
     float_output = False  # apply() returns float32 pixel values
     learns_trigger = False  # the trigger changes during training (re-create the poisoned test set per epoch)
     target_types: tuple[str, ...] = ("all2one",)
+    has_backdoor = True  # False for a clean model: no ASR to report
+    source_class: int | None = None  # the one class the backdoor acts on (semantic attacks), else None
     options: dict[str, Option] = {"poison_rate": Option(0.05, float, "share of the candidate images poisoned")}
 
     def __init__(self, target: int, num_classes: int, image_shape, target_type: str = "all2one",
@@ -138,6 +140,14 @@ class Attack:
         """Restore what :meth:`state` returned."""
 
     # --- lifecycle hooks ----------------------------------------------------------------------
+    def check_data(self, dataset: str, train_labels: torch.Tensor, test_labels: torch.Tensor) -> None:
+        """Refuse a dataset the attack was not made for (one-line error), before anything is written."""
+
+    def arrange_split(self, permutation: torch.Tensor) -> torch.Tensor:
+        """The held-out split's order (its first 10% are never poisoned); semantic attacks move their images
+        out of the held-out part."""
+        return permutation
+
     def prepare(self, images: torch.Tensor, labels: torch.Tensor, surrogate: torch.nn.Module | None,
                 normalize: Callable, generator: torch.Generator, indices: torch.Tensor | None = None) -> None:
         """Craft the trigger or poisons before :meth:`poison`: with the clean ``surrogate`` model where
@@ -216,6 +226,10 @@ class Attack:
         keep = labels != self.target if self.target_type == "all2one" else torch.ones_like(labels, dtype=torch.bool)
         true_labels = labels[keep]
         return self.apply(images[keep]), self.target_labels(true_labels), true_labels
+
+    def clean_test_set(self, images: torch.Tensor, labels: torch.Tensor):
+        """The clean test set ACC is measured on: all of it, but for attacks that take test images away."""
+        return images, labels
 
     # --- trigger info -------------------------------------------------------------------------
     def record(self) -> dict:

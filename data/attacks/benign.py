@@ -10,6 +10,7 @@ from .base import Attack, Option, register
 class Benign(Attack):
     name = "benign"
     paper = "none (clean training)"
+    has_backdoor = False
     options = {"poison_rate": Option(0.0, float, "ignored: nothing is poisoned")}
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,299 @@
+"""SODA: detect the (source, target) pair of a semantic backdoor and remove it, in one command.
+
+``--option all`` (default) runs analyze → detect → gen_trigger → remove; each step alone reads the
+previous steps' artifacts from --output-dir (the original tool's ``--option`` names):
+
+- analyze: ``causality.th`` (the C × D × C causality matrices)
+- detect: ``detection.json`` (target, source, every class's score, thresholds), ``detection_scores.png``
+- gen_trigger: ``reconstructed.th`` (reconstructed infected samples, normalised), ``reconstructed.png``
+- remove: ``repaired_model.th`` (plain state dict)
+
+plus ``output.log`` and ``metrics.json`` (before/after ACC, ASR, source-class accuracy; timings per step).
+The defender's data is the clean held-out split (``--ratio`` of the training set); the trigger info only
+decides what is reported (without one the model is reported as of unknown attack: ACC only).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from defenses import soda
+from defenses.session import DefenseRun
+from defenses.stage_args import add_augment_arg, add_flag
+from models.split import PENULTIMATE, split_model
+from utils.checkpoint import atomic_save, atomic_write_text, plain_state_dict, safe_load
+from utils.cli import add_common_args, check_positive, check_range
+from utils.errors import ArgumentParser, UserError, run_cli
+from utils.evaluation import class_accuracy, predict
+from utils.plots import pyplot, save_figure
+from utils.run_log import Timer
+
+STEPS = ("analyze", "detect", "gen_trigger", "remove")
+OPTIONS = ("all",) + STEPS + ("causality_analysis",)  # the original's name for analyze
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="SODA: semantic backdoor detection and removal.")
+    add_common_args(p, dataset_default=None)
+    p.add_argument("--checkpoint", "--in_model", dest="checkpoint", required=True,
+                   help="the model to analyse (state_dict; RNP .tar and DataParallel wrappers accepted)")
+    add_flag(p, "trigger_info", True, default="",
+             help="trigger_info.th of train_backdoor_cifar.py: reports ASR on its attack test set")
+    add_flag(p, "output_dir", True, default="logs/soda/")
+    p.add_argument("--option", default="all", choices=OPTIONS, help="all, or one step (reads earlier artifacts)")
+    p.add_argument("--ratio", type=float, default=0.05, help="defender's clean data as a fraction of the training set")
+    add_flag(p, "split", default=PENULTIMATE,
+             help="where the model is cut: penultimate (the input of the last linear layer) or an earlier stage "
+                  "(resnet: layer4, layer3, ...)")
+    p.add_argument("--intervention", action="store_true",
+                   help="compute the causality matrices by intervention even where the closed form holds")
+    add_flag(p, "num_sample", True, type=int, default=256, help="clean samples per class for the analysis")
+    p.add_argument("--confidence", type=float, default=3.0, help="MAD outlier threshold for the target (fixed)")
+    p.add_argument("--confidence2", type=float, default=3.0, help="MAD outlier threshold for the source")
+    add_flag(p, "potential_source", True, type=int, default=None, help="gen_trigger/remove: this source class "
+             "instead of the detected one")
+    add_flag(p, "poison_target", True, type=int, default=None, help="gen_trigger/remove: this target class "
+             "instead of the detected one")
+    add_flag(p, "num_recon", True, type=int, default=100, help="source-class images to reconstruct from")
+    add_flag(p, "recon_steps", True, type=int, default=2000, help="largest number of reconstruction steps")
+    add_flag(p, "recon_lr", True, type=float, default=0.1, help="reconstruction SGD learning rate")
+    add_flag(p, "trigger_reg", True, type=float, default=0.9, help="reconstruction L2 penalty weight")
+    p.add_argument("--reg", type=float, default=0.0005, help="removal: weight of − CE(reconstructed, target)")
+    p.add_argument("--lr", type=float, default=0.01, help="removal: constant SGD learning rate")
+    p.add_argument("--epoch", type=int, default=5, help="removal: epochs over the defender's data")
+    p.add_argument("--top", type=float, default=0.5, help="removal: share of neurons kept active (by A_source[:, target])")
+    add_flag(p, "batch_size", True, type=int, default=64)
+    add_flag(p, "recon_per_batch", True, type=int, default=20, help="reconstructed samples in each removal batch")
+    add_augment_arg(p)
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    check_positive(args.num_sample, "--num_sample")
+    check_positive(args.num_recon, "--num_recon")
+    check_positive(args.recon_steps, "--recon_steps")
+    check_positive(args.epoch, "--epoch")
+    check_positive(args.batch_size, "--batch_size")
+    check_range(args.top, 1e-9, 1.0, "--top")
+    if not 0 < args.recon_per_batch < args.batch_size:
+        raise UserError(f"--recon_per_batch: expected 1..{args.batch_size - 1} (below --batch_size), got "
+                        f"{args.recon_per_batch}")
+
+
+def artifact(args, name: str, step: str):
+    """``name`` in --output-dir, read with weights_only; a missing one names the step that writes it."""
+    path = os.path.join(args.output_dir, name)
+    if not os.path.isfile(path):
+        raise UserError(f"--option {args.option}: {path} is missing; run --option {step} (or all) first")
+    if name.endswith(".json"):
+        with open(path) as f:
+            return json.load(f)
+    return safe_load(path, f"--option {args.option}")
+
+
+def class_inputs(data, count: int) -> list[torch.Tensor]:
+    """Normalised, unaugmented defender images: the first ``count`` of every class."""
+    inputs = []
+    for c in range(data.spec.num_classes):
+        chosen = (data.defense_labels == c).nonzero().flatten()[:count]
+        if len(chosen) == 0:
+            raise UserError(f"--ratio: class {c} has no clean samples among the defender's {len(data.defense_labels)} "
+                            f"images; raise --ratio")
+        inputs.append(data.transform.normalize(data.defense_images[chosen]))
+    return inputs
+
+
+def pair(args, detection: dict | None, num_classes: int) -> tuple[int | None, int | None]:
+    """(source, target): the flags where given, else the detection's."""
+    for value, flag in ((args.potential_source, "--potential_source"), (args.poison_target, "--poison_target")):
+        if value is not None and not 0 <= value < num_classes:
+            raise UserError(f"{flag}: {value} is outside the class range 0..{num_classes - 1}")
+    source = args.potential_source if args.potential_source is not None else (detection or {}).get("source")
+    target = args.poison_target if args.poison_target is not None else (detection or {}).get("target")
+    if (source is None) != (target is None):
+        raise UserError("--potential_source/--poison_target: give both (or neither, to use detection.json)")
+    return source, target
+
+
+def plot_scores(detection: dict, path: str, title: str) -> None:
+    test = detection["target_test"]
+    values = test["normalized"]
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
+    colors = ["C3" if i in test["flagged"] else "C0" for i in range(len(values))]
+    ax.bar(range(len(values)), values, color=colors)
+    ax.axhline(test["threshold"], color="grey", ls="--", lw=1,
+               label=f"median + {test['confidence']:g} MAD = {test['threshold']:.3f}")
+    ax.axhline(test["median"], color="grey", ls=":", lw=1, label="median")
+    ax.set_xticks(range(len(values)))
+    ax.set_xlabel("class (red: flagged target)")
+    ax.set_ylabel("1 − PCC, divided by its maximum")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_reconstruction(originals: torch.Tensor, reconstructed: torch.Tensor, mean, std, path: str) -> None:
+    def pixels(x):
+        x = x.float().cpu() * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+        return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+    count = min(12, len(reconstructed))
+    fig, axes = pyplot().subplots(2, max(count, 1), figsize=(max(count, 1) * 1.1, 2.6), squeeze=False)
+    for row, images in enumerate((pixels(originals[:count]), pixels(reconstructed[:count]))):
+        for c in range(count):
+            axes[row, c].imshow(images[c].squeeze(), cmap="gray" if images.shape[-1] == 1 else None, vmin=0, vmax=1)
+        for c in range(max(count, 1)):
+            axes[row, c].set_xticks([])
+            axes[row, c].set_yticks([])
+        axes[row, 0].set_ylabel(("clean source", "reconstructed")[row], fontsize=8)
+    save_figure(fig, path)
+
+
+def main(args) -> dict:
+    check_args(args)
+    run = DefenseRun.start(args, args.output_dir, checkpoint=args.checkpoint, checkpoint_flag="--checkpoint",
+                           val_frac=args.ratio, augment=args.augment, poison_type="benign", poison_target=0)
+    data, log, runtime = run.data, run.log, run.runtime
+    steps = STEPS if args.option == "all" else ("analyze",) if args.option == "causality_analysis" else (args.option,)
+    model = run.load(args.checkpoint)
+    split = split_model(model, args.split)
+    attack = data.attack
+    timer, timings = Timer(), {}
+    metrics_path = os.path.join(args.output_dir, "metrics.json")
+    previous = {}
+    if args.option != "all" and os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            previous = json.load(f)
+
+    def evaluate(net) -> dict:
+        m = run.evaluate(net)
+        out = {"clean_acc": m["clean_acc"], "asr": m["asr"] if attack.has_backdoor else None,
+               "ra": m["ra"] if attack.has_backdoor else None, "source_acc": m.get("source_acc")}
+        if out["source_acc"] is None and report_source[0] is not None:
+            logits = predict(net, data.eval_sets.clean_images, data.transform.normalize, autocast=runtime.autocast)
+            out["source_acc"] = class_accuracy(logits, data.eval_sets.clean_labels, report_source[0])
+        return out
+
+    def describe(m: dict) -> str:
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        return f"ACC {fmt(m['clean_acc'])} ASR {fmt(m['asr'])} source-class ACC {fmt(m['source_acc'])}"
+
+    detection = previous.get("detection")
+    report_source = [attack.source_class if attack.source_class is not None else (detection or {}).get("source")]
+    inputs = class_inputs(data, args.num_sample)
+    log(f"{data.spec.name}, {len(data.defense_labels)} clean defender images, {min(len(x) for x in inputs)}-"
+        f"{max(len(x) for x in inputs)} per class for the analysis; split at {split.at}; attack "
+        f"{attack.name if attack.has_backdoor else 'none/unknown'}; steps {', '.join(steps)}")
+    result = {**previous}
+
+    if "analyze" in steps:
+        start = timer()
+        closed_form = split.is_head and not args.intervention
+        matrices = soda.causality_matrices(split, inputs, closed_form, runtime.autocast, args.progress)
+        atomic_save({"matrices": matrices.cpu(), "split": split.at, "closed_form": closed_form,
+                     "samples_per_class": [len(x) for x in inputs]}, os.path.join(args.output_dir, "causality.th"))
+        timings["analyze_seconds"] = timer() - start
+        log(f"analyze: {matrices.shape[1]} hidden neurons × {matrices.shape[2]} classes per class "
+            f"({'closed form |W|' if closed_form else 'intervention'}), {timings['analyze_seconds']:.1f} s")
+
+    if "detect" in steps:
+        start = timer()
+        saved = artifact(args, "causality.th", "analyze")
+        logits = soda.mean_logits(model, inputs, runtime.autocast)
+        detection = soda.detect(saved["matrices"], logits, args.confidence, args.confidence2)
+        detection["split"] = saved["split"]
+        atomic_write_text(json.dumps(detection, indent=2) + "\n", os.path.join(args.output_dir, "detection.json"))
+        plot_scores(detection, os.path.join(args.output_dir, "detection_scores.png"),
+                    f"SODA target scores, {data.spec.name}, {args.arch} width {args.width}")
+        timings["detect_seconds"] = timer() - start
+        scores = " ".join(f"{s:.3f}" for s in detection["target_test"]["normalized"])
+        if detection["target"] is None:
+            log(f"detect: no semantic backdoor (normalised scores {scores}; threshold "
+                f"{detection['target_test']['threshold']:.3f})")
+        else:
+            log(f"detect: source {detection['source']} -> target {detection['target']} (normalised scores {scores}; "
+                f"threshold {detection['target_test']['threshold']:.3f})")
+        if report_source[0] is None:
+            report_source[0] = detection["source"]
+        result["detection"] = detection
+
+    source, target = None, None
+    if "gen_trigger" in steps or "remove" in steps:
+        if detection is None and args.potential_source is None:
+            detection = artifact(args, "detection.json", "detect")
+        source, target = pair(args, detection, data.spec.num_classes)
+        if report_source[0] is None:
+            report_source[0] = source
+
+    before = evaluate(model)
+    result["before"] = before
+    log(f"before: {describe(before)}")
+    if source is None and ("gen_trigger" in steps or "remove" in steps):
+        log("no (source, target) pair: nothing to reconstruct or remove; the model is unchanged")
+        result["after"] = before
+        steps = tuple(s for s in steps if s not in ("gen_trigger", "remove"))
+        result["removed"] = False
+
+    if "gen_trigger" in steps:
+        start = timer()
+        chosen = (data.defense_labels == source).nonzero().flatten()[:args.num_recon]
+        originals = data.transform.normalize(data.defense_images[chosen])
+        recon = soda.reconstruct(model, originals, target, source, args.recon_steps, args.recon_lr, args.trigger_reg,
+                                 progress=args.progress, autocast=runtime.autocast)
+        if len(recon.images) < 2:
+            raise UserError(f"--recon_steps: only {len(recon.images)} of {recon.tried} source-class images reached "
+                            f"target {target}; raise --recon_steps or --recon_lr")
+        half = len(recon.images) // 2
+        atomic_save({"images": recon.images.cpu(), "labels": torch.full((len(recon.images),), source),
+                     "train_count": half, "source": source, "target": target, "indices": chosen[recon.indices].cpu(),
+                     "steps": recon.steps.cpu()}, os.path.join(args.output_dir, "reconstructed.th"))
+        plot_reconstruction(originals[recon.indices], recon.images, data.spec.mean, data.spec.std,
+                            os.path.join(args.output_dir, "reconstructed.png"))
+        timings["gen_trigger_seconds"] = timer() - start
+        log(f"gen_trigger: {len(recon.images)} of {recon.tried} source-{source} images reached target {target} "
+            f"(median {recon.steps.float().median().item():.0f} steps), {half} for removal, the rest held out; "
+            f"{timings['gen_trigger_seconds']:.1f} s")
+
+    if "remove" in steps:
+        start = timer()
+        matrices = artifact(args, "causality.th", "analyze")["matrices"]
+        saved = artifact(args, "reconstructed.th", "gen_trigger")
+        if (saved["source"], saved["target"]) != (source, target):
+            raise UserError(f"--option remove: reconstructed.th is for {saved['source']} -> {saved['target']}, not "
+                            f"{source} -> {target}; rerun --option gen_trigger")
+        images = saved["images"].to(runtime.device)
+        recon_train, recon_test = images[:saved["train_count"]], images[saved["train_count"]:]
+
+        def recon_asr(net) -> float:
+            with torch.no_grad():
+                net.eval()
+                return (net(recon_test).argmax(1) == target).float().mean().item() if len(recon_test) else 0.0
+
+        mask = soda.neuron_mask(matrices, source, target, args.top)
+        result["recon_asr_before"] = recon_asr(model)
+        log(f"remove: {int(mask.sum())} of {len(mask)} neurons active during fine-tuning (top {args.top}); "
+            f"reconstructed held-out ASR before {result['recon_asr_before']:.4f}")
+        log("Epoch \t lr \t Loss \t ACC \t ASR \t RA \t SourceACC")
+        generator = torch.Generator().manual_seed(args.seed)
+        history = soda.remove(split, mask, data.defense_images, data.defense_labels, data.transform.augment,
+                              recon_train, source, target, epochs=args.epoch, lr=args.lr, reg=args.reg,
+                              batch_size=args.batch_size, recon_per_batch=args.recon_per_batch, generator=generator,
+                              autocast=runtime.autocast, progress=args.progress, log=log, evaluate=evaluate)
+        atomic_save(plain_state_dict(model), os.path.join(args.output_dir, "repaired_model.th"))
+        after = evaluate(model)
+        result.update(after=after, removed=True, remove_epochs=history, recon_asr_after=recon_asr(model),
+                      neurons_active=int(mask.sum()))
+        timings["remove_seconds"] = timer() - start
+        log(f"after (mask dropped): {describe(after)}; reconstructed held-out ASR {result['recon_asr_after']:.4f}; "
+            f"{timings['remove_seconds']:.1f} s; model in {os.path.join(args.output_dir, 'repaired_model.th')}")
+
+    result["timings"] = {**previous.get("timings", {}), **timings}
+    result["steps"] = list(steps)
+    result["source_class_reported"] = report_source[0]
+    return run.finish({k: v for k, v in result.items() if k not in ("command", "args", "versions", "time")})
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args())

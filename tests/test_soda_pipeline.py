@@ -1,0 +1,116 @@
+"""soda_main.py end to end on tiny generated data: a semantic attack from stage 1, every step alone and all
+at once, the artifacts other tools read, and bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import soda_main
+import train_backdoor_cifar
+from conftest import ROOT
+from models import create_model
+
+COMMON = ["--width", "8", "--device", "cpu", "--seed", "0", "--no-progress"]
+FAST = ["--recon_steps", "30", "--epoch", "2", "--num_sample", "32"]
+
+
+@pytest.fixture(scope="module")
+def semantic_model(tiny_cifar, tiny_semantic, tmp_path_factory):
+    out = tmp_path_factory.mktemp("semantic")
+    metrics = train_backdoor_cifar.main(train_backdoor_cifar.parse_args(
+        COMMON + ["--data-dir", tiny_cifar, "--epoch", "2", "--schedule", "1", "--batch-size", "32",
+                  "--poison-type", "semantic", "--semantic-file", tiny_semantic, "--semantic-attack", "toy",
+                  "--output-dir", str(out / "backdoor")]))
+    return {"out": out, "data": ["--data-dir", tiny_cifar], "metrics": metrics,
+            "ckpt": str(out / "backdoor" / "last_model.th"), "info": str(out / "backdoor" / "trigger_info.th")}
+
+
+@pytest.mark.slow
+def test_stage1_semantic_metrics(semantic_model):
+    m = semantic_model["metrics"]
+    assert m["attack"] == "semantic" and m["poisoned_images"] == 30 and m["source_class"] == 1
+    assert 0 <= m["source_acc"] <= 1 and all(0 <= e["train_acc"] <= 1 for e in m["epochs"])
+    info = torch.load(semantic_model["info"], weights_only=True)
+    held_out = set(info["split_permutation"][:200].tolist())
+    assert not held_out & set(info["state"]["train_indices"].tolist())  # the defender's data stays clean
+    assert sorted(info["poison_indices"].tolist()) == sorted(info["state"]["train_indices"].tolist())
+
+
+@pytest.mark.slow
+def test_steps_alone_then_all_write_the_artifacts_other_tools_read(semantic_model, tmp_path):
+    base = COMMON + semantic_model["data"] + ["--checkpoint", semantic_model["ckpt"], "--trigger-info",
+                                              semantic_model["info"], "--ratio", "0.1"] + FAST
+    steps = tmp_path / "steps"
+    for option in ("analyze", "detect", "gen_trigger", "remove"):
+        extra = ["--potential_source", "1", "--poison_target", "6"] if option in ("gen_trigger", "remove") else []
+        metrics = soda_main.main(soda_main.parse_args(base + ["--output-dir", str(steps), "--option", option] + extra))
+    assert set(metrics["timings"]) == {"analyze_seconds", "detect_seconds", "gen_trigger_seconds", "remove_seconds"}
+    causality = torch.load(steps / "causality.th", weights_only=True)
+    assert causality["matrices"].shape == (10, 64, 10) and causality["closed_form"] is True
+    detection = json.loads((steps / "detection.json").read_text())
+    assert {"target", "source", "scores", "thresholds"} <= set(detection) and len(detection["scores"]) == 10
+    assert detection["thresholds"]["confidence"] == 3.0 and metrics["detection"]["scores"] == detection["scores"]
+    recon = torch.load(steps / "reconstructed.th", weights_only=True)
+    assert recon["images"].shape[1:] == (3, 32, 32) and (recon["labels"] == 1).all()  # the source, not 0
+    assert (recon["source"], recon["target"]) == (1, 6) and 0 < recon["train_count"] <= len(recon["images"])
+    for name in ("detection_scores.png", "reconstructed.png", "output.log"):
+        assert (steps / name).stat().st_size > 0
+    model = create_model("resnet18", 10, 3, 8)
+    model.load_state_dict(torch.load(steps / "repaired_model.th", weights_only=True))  # plain: no mask kept
+    saved = json.loads((steps / "metrics.json").read_text())
+    for key in ("before", "after"):
+        assert {"clean_acc", "asr", "source_acc"} <= set(saved[key])
+    stage1 = semantic_model["metrics"]
+    assert saved["before"]["asr"] == pytest.approx(stage1["asr"]) and saved["removed"] is True
+    assert saved["before"]["source_acc"] == pytest.approx(stage1["source_acc"])
+    log = (steps / "output.log").read_text()
+    assert log.count("; steps ") == 4 and "remove:" in log  # one log, continued by every step
+
+    together = soda_main.main(soda_main.parse_args(base + ["--output-dir", str(tmp_path / "all"), "--intervention"]))
+    assert set(together["timings"]) >= {"analyze_seconds", "detect_seconds"}
+    assert torch.load(tmp_path / "all" / "causality.th", weights_only=True)["closed_form"] is False
+    again = json.loads((tmp_path / "all" / "detection.json").read_text())
+    assert again["scores"] == pytest.approx(detection["scores"], abs=1e-4)  # intervention = closed form here
+    if together["detection"]["target"] is None:
+        assert together["after"] == together["before"] and together["removed"] is False
+        assert not (tmp_path / "all" / "repaired_model.th").exists()
+
+
+@pytest.mark.slow
+def test_a_model_without_trigger_info_reports_no_asr(semantic_model, tmp_path):
+    metrics = soda_main.main(soda_main.parse_args(
+        COMMON + semantic_model["data"] + ["--checkpoint", semantic_model["ckpt"], "--ratio", "0.1",
+                                           "--output-dir", str(tmp_path / "s"), "--option", "analyze"]))
+    assert metrics["before"]["asr"] is None and 0 < metrics["before"]["clean_acc"] <= 1
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "soda_main.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_line(semantic_model, tmp_path):
+    base = ["--device", "cpu", "--width", "8", *semantic_model["data"], "--checkpoint", semantic_model["ckpt"],
+            "--trigger-info", semantic_model["info"]]
+    cases = [
+        (["--option", "detect"], "causality.th is missing"),
+        (["--option", "remove", "--potential_source", "1", "--poison_target", "6"], "is missing"),
+        (["--option", "gen_trigger"], "detection.json is missing"),
+        (["--potential_source", "10", "--poison_target", "6", "--option", "gen_trigger"], "--potential_source"),
+        (["--potential_source", "1", "--option", "gen_trigger"], "give both"),
+        (["--ratio", "0.001"], "--ratio: class"),
+        (["--split", "linear"], "--split"),
+        (["--top", "0"], "--top"),
+        (["--width", "16"], "--checkpoint"),
+    ]
+    for i, (args, needle) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        result = _run(*base, "--output-dir", str(out), *args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, result.stderr)
