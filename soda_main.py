@@ -19,9 +19,13 @@ import os
 
 import torch
 
+from data import get_spec
+from data.trigger_info import load_trigger_info
 from defenses import soda
+from defenses.defense_data import resolve_dataset_name
 from defenses.session import DefenseRun
 from defenses.stage_args import add_augment_arg, add_flag
+from models import create_model
 from models.split import PENULTIMATE, split_model
 from utils.checkpoint import atomic_save, atomic_write_text, plain_state_dict, safe_load
 from utils.cli import add_common_args, check_positive, check_range
@@ -93,6 +97,22 @@ def artifact(args, name: str, step: str):
     return safe_load(path, f"--option {args.option}")
 
 
+# What each step reads, and the step that writes it.
+NEEDS = {"detect": [("causality.th", "analyze")],
+         "gen_trigger": [("detection.json", "detect")],
+         "remove": [("causality.th", "analyze"), ("detection.json", "detect"), ("reconstructed.th", "gen_trigger")]}
+
+
+def check_artifacts(args, steps: tuple) -> None:
+    """Every artifact the chosen steps read exists (or an earlier step of this run writes it), before anything
+    is written; the source/target flags stand in for detection.json."""
+    for step in steps:
+        for name, writer in NEEDS.get(step, []):
+            if writer in steps or (name == "detection.json" and args.potential_source is not None):
+                continue
+            artifact(args, name, writer)
+
+
 def class_inputs(data, count: int) -> list[torch.Tensor]:
     """Normalised, unaugmented defender images: the first ``count`` of every class."""
     inputs = []
@@ -105,16 +125,30 @@ def class_inputs(data, count: int) -> list[torch.Tensor]:
     return inputs
 
 
-def pair(args, detection: dict | None, num_classes: int) -> tuple[int | None, int | None]:
-    """(source, target): the flags where given, else the detection's."""
-    for value, flag in ((args.potential_source, "--potential_source"), (args.poison_target, "--poison_target")):
-        if value is not None and not 0 <= value < num_classes:
-            raise UserError(f"{flag}: {value} is outside the class range 0..{num_classes - 1}")
-    source = args.potential_source if args.potential_source is not None else (detection or {}).get("source")
-    target = args.poison_target if args.poison_target is not None else (detection or {}).get("target")
-    if (source is None) != (target is None):
+def check_pair_flags(args) -> None:
+    """``--potential_source``/``--poison_target``: both or neither, inside the dataset's class range."""
+    if (args.potential_source is None) != (args.poison_target is None):
         raise UserError("--potential_source/--poison_target: give both (or neither, to use detection.json)")
-    return source, target
+    if args.potential_source is None:
+        return
+    info = load_trigger_info(args.trigger_info) if args.trigger_info else None
+    num_classes = get_spec(resolve_dataset_name(args.dataset, info)).num_classes
+    for value, flag in ((args.potential_source, "--potential_source"), (args.poison_target, "--poison_target")):
+        if not 0 <= value < num_classes:
+            raise UserError(f"{flag}: {value} is outside the class range 0..{num_classes - 1}")
+
+
+def check_data(args, data) -> None:
+    """Every class has defender images, and ``--split`` names a stage of ``--arch`` (before anything is written)."""
+    class_inputs(data, 1)
+    split_model(create_model(args.arch, data.spec.num_classes, data.spec.image_shape[2], args.width), args.split)
+
+
+def pair(args, detection: dict | None) -> tuple[int | None, int | None]:
+    """(source, target): the flags where given, else the detection's."""
+    if args.potential_source is not None:
+        return args.potential_source, args.poison_target
+    return (detection or {}).get("source"), (detection or {}).get("target")
 
 
 def plot_scores(detection: dict, path: str, title: str) -> None:
@@ -153,10 +187,13 @@ def plot_reconstruction(originals: torch.Tensor, reconstructed: torch.Tensor, me
 
 def main(args) -> dict:
     check_args(args)
-    run = DefenseRun.start(args, args.output_dir, checkpoint=args.checkpoint, checkpoint_flag="--checkpoint",
-                           val_frac=args.ratio, augment=args.augment, poison_type="benign", poison_target=0)
-    data, log, runtime = run.data, run.log, run.runtime
     steps = STEPS if args.option == "all" else ("analyze",) if args.option == "causality_analysis" else (args.option,)
+    check_pair_flags(args)
+    check_artifacts(args, steps)
+    run = DefenseRun.start(args, args.output_dir, checkpoint=args.checkpoint, checkpoint_flag="--checkpoint",
+                           val_frac=args.ratio, augment=args.augment, poison_type="benign", poison_target=0,
+                           check=lambda data: check_data(args, data))
+    data, log, runtime = run.data, run.log, run.runtime
     model = run.load(args.checkpoint)
     split = split_model(model, args.split)
     attack = data.attack
@@ -223,7 +260,7 @@ def main(args) -> dict:
     if "gen_trigger" in steps or "remove" in steps:
         if detection is None and args.potential_source is None:
             detection = artifact(args, "detection.json", "detect")
-        source, target = pair(args, detection, data.spec.num_classes)
+        source, target = pair(args, detection)
         if report_source[0] is None:
             report_source[0] = source
 

@@ -37,8 +37,10 @@ class DefenseRun:
 
     @classmethod
     def start(cls, args, output_dir: str, *, checkpoint: str | None, checkpoint_flag: str = "--checkpoint",
-              val_frac: float, augment: str | None = None, **attack) -> "DefenseRun":
-        """Check everything (data, attack, ``checkpoint`` fits ``--arch/--width``), then open the run folder."""
+              val_frac: float, augment: str | None = None, check: Callable[[DefenseData], None] | None = None,
+              **attack) -> "DefenseRun":
+        """Check everything (data, attack, ``checkpoint`` fits ``--arch/--width``, the script's own ``check`` of
+        the defender's data), then open the run folder."""
         runtime = make_runtime(args.device, args.amp)
         messages: list[str] = []
         data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
@@ -46,6 +48,8 @@ class DefenseRun:
                                     log=messages.append, **attack)
         if checkpoint is not None:
             load_model(checkpoint, args.arch, data.spec, args.width, runtime, argument=checkpoint_flag)
+        if check is not None:
+            check(data)
         runtime, log = start_run(args, output_dir, runtime)
         for message in messages:
             log(message)

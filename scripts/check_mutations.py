@@ -38,6 +38,7 @@ RNP_E2E = ("tests/test_scripts.py::test_rnp_one_command",
            "tests/test_scripts.py::test_rnp_resume_from_an_unlearned_model_recovers_on_that_model",
            "tests/test_scripts.py::test_rnp_resume_from_a_mask_file_prunes_by_that_file")
 GOLDEN = ("tests/test_golden.py",)
+SODA = ("tests/test_soda.py",)
 OUTCOME = ("tests/test_scripts.py::test_anp_saved_operating_point", "tests/test_scripts.py::test_rnp_one_command")
 
 MUTATIONS = [
@@ -145,6 +146,22 @@ MUTATIONS = [
     Mutation("saved-model-unpruned", "Pruning: pruned_model.th saved without pruning", "defenses/pruning.py",
              "for layer, idx, _ in sort_by_mask(values)[:pruned]:", "for layer, idx, _ in sort_by_mask(values)[:0]:",
              ("tests/test_pruning.py",) + OUTCOME),
+    Mutation("soda-signed-closed-form", "SODA: closed form W instead of |W|", "defenses/soda.py",
+             "weight.detach().float().abs().t()", "weight.detach().float().t()", SODA),
+    Mutation("soda-diagonal-kept", "SODA: PCC of c with itself not zeroed", "defenses/soda.py",
+             "        row[c] = 0.0\n", "", SODA),
+    Mutation("soda-mad-unscaled", "SODA: MAD without the 1.4826 factor", "defenses/soda.py",
+             "MAD_SCALE = 1.4826", "MAD_SCALE = 1.0", SODA),
+    Mutation("soda-source-highest", "SODA: of several flagged sources, the one target samples score highest",
+             "defenses/soda.py", "return min(test.flagged, key=", "return max(test.flagged, key=", SODA),
+    Mutation("soda-removal-unmasked", "SODA: fine-tuning without the neuron mask", "defenses/soda.py",
+             "logits = split.forward_masked(x, mask).float()", "logits = split.model(x).float()", SODA),
+    Mutation("soda-recon-labelled-0", "SODA: reconstructed samples saved with label 0 (the released code's slip)",
+             "soda_main.py", '"labels": torch.full((len(recon.images),), source)',
+             '"labels": torch.full((len(recon.images),), 0)', ("tests/test_soda_pipeline.py",)),
+    Mutation("semantic-in-held-out", "Semantic attack: listed images left in the held-out split",
+             "data/attacks/semantic.py", "return torch.cat([permutation[~listed], permutation[listed]])",
+             "return permutation", ("tests/test_semantic.py",)),
 ]
 
 

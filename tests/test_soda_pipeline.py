@@ -12,6 +12,7 @@ import torch
 
 import soda_main
 import train_backdoor_cifar
+from scripts import soda_table
 from conftest import ROOT
 from models import create_model
 
@@ -114,3 +115,28 @@ def test_bad_input_is_one_line(semantic_model, tmp_path):
         result = _run(*base, "--output-dir", str(out), *args)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, result.stderr)
+        assert not out.exists(), "checked before anything is written"
+
+
+@pytest.mark.slow
+def test_soda_table_reads_the_runs(semantic_model, tmp_path, capsys):
+    root = tmp_path / "runs"
+    (root / "semantic-s0" / "backdoor").mkdir(parents=True)
+    (root / "semantic-s0" / "backdoor" / "metrics.json").write_text(json.dumps(semantic_model["metrics"]))
+    soda_main.main(soda_main.parse_args(
+        COMMON + semantic_model["data"] + ["--checkpoint", semantic_model["ckpt"], "--trigger-info",
+                                           semantic_model["info"], "--ratio", "0.1", "--option", "analyze",
+                                           "--output-dir", str(root / "semantic-s0" / "soda")]))
+    soda_main.main(soda_main.parse_args(
+        COMMON + semantic_model["data"] + ["--checkpoint", semantic_model["ckpt"], "--trigger-info",
+                                           semantic_model["info"], "--ratio", "0.1", "--option", "detect",
+                                           "--output-dir", str(root / "semantic-s0" / "soda")]))
+    capsys.readouterr()
+    soda_table.main(str(root))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| semantic-s0")]
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    m = semantic_model["metrics"]
+    assert len(rows) == 1 and cells[1] == "SODA" and cells[3] == f"{m['asr']:.3f}" and cells[4] == f"{m['source_acc']:.3f}"
+    detection = json.loads((root / "semantic-s0" / "soda" / "detection.json").read_text())
+    test = detection["target_test"]
+    assert cells[7] == f"{(test['normalized'][6] - test['median']) / test['mad']:.2f}"  # the true target's z
