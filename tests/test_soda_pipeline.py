@@ -140,3 +140,18 @@ def test_soda_table_reads_the_runs(semantic_model, tmp_path, capsys):
     detection = json.loads((root / "semantic-s0" / "soda" / "detection.json").read_text())
     test = detection["target_test"]
     assert cells[7] == f"{(test['normalized'][6] - test['median']) / test['mad']:.2f}"  # the true target's z
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["vgg19_bn", "mobilenetv2"])
+def test_every_step_runs_on_the_other_architectures(arch, tiny_cifar, tmp_path):
+    train_backdoor_cifar.main(train_backdoor_cifar.parse_args(
+        COMMON + ["--data-dir", tiny_cifar, "--arch", arch, "--epoch", "2", "--lr", "0.02", "--batch-size", "64", "--poison-type",
+                  "benign", "--output-dir", str(tmp_path / "clean")]))
+    metrics = soda_main.main(soda_main.parse_args(
+        COMMON + ["--data-dir", tiny_cifar, "--arch", arch, "--checkpoint", str(tmp_path / "clean" / "last_model.th"),
+                  "--ratio", "0.1", "--potential_source", "1", "--poison_target", "6", "--recon_steps", "300",
+                  "--epoch", "1", "--num_sample", "8", "--output-dir", str(tmp_path / "soda")]))
+    assert metrics["removed"] is True and set(metrics["timings"]) == {f"{s}_seconds" for s in soda_main.STEPS}
+    repaired = create_model(arch, 10, 3, 8)
+    repaired.load_state_dict(torch.load(tmp_path / "soda" / "repaired_model.th", weights_only=True))
