@@ -136,7 +136,8 @@ def test_soda_table_reads_the_runs(semantic_model, tmp_path, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| semantic-s0")]
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     m = semantic_model["metrics"]
-    assert len(rows) == 1 and cells[1] == "SODA" and cells[3] == f"{m['asr']:.3f}" and cells[4] == f"{m['source_acc']:.3f}"
+    assert len(rows) == 1 and cells[1] == "SODA"
+    assert cells[3] == f"{m['asr']:.3f}" and cells[4] == f"{m['source_acc']:.3f}"
     detection = json.loads((root / "semantic-s0" / "soda" / "detection.json").read_text())
     test = detection["target_test"]
     assert cells[7] == f"{(test['normalized'][6] - test['median']) / test['mad']:.2f}"  # the true target's z
@@ -146,8 +147,8 @@ def test_soda_table_reads_the_runs(semantic_model, tmp_path, capsys):
 @pytest.mark.parametrize("arch", ["vgg19_bn", "mobilenetv2"])
 def test_every_step_runs_on_the_other_architectures(arch, tiny_cifar, tmp_path):
     train_backdoor_cifar.main(train_backdoor_cifar.parse_args(
-        COMMON + ["--data-dir", tiny_cifar, "--arch", arch, "--epoch", "2", "--lr", "0.02", "--batch-size", "64", "--poison-type",
-                  "benign", "--output-dir", str(tmp_path / "clean")]))
+        COMMON + ["--data-dir", tiny_cifar, "--arch", arch, "--epoch", "2", "--lr", "0.02", "--batch-size", "64",
+                  "--poison-type", "benign", "--output-dir", str(tmp_path / "clean")]))
     metrics = soda_main.main(soda_main.parse_args(
         COMMON + ["--data-dir", tiny_cifar, "--arch", arch, "--checkpoint", str(tmp_path / "clean" / "last_model.th"),
                   "--ratio", "0.1", "--potential_source", "1", "--poison_target", "6", "--recon_steps", "300",
