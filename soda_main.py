@@ -67,7 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--reg", type=float, default=0.0005, help="removal: weight of − CE(reconstructed, target)")
     p.add_argument("--lr", type=float, default=0.01, help="removal: constant SGD learning rate")
     p.add_argument("--epoch", type=int, default=5, help="removal: epochs over the defender's data")
-    p.add_argument("--top", type=float, default=0.5, help="removal: share of neurons kept active (by A_source[:, target])")
+    p.add_argument("--top", type=float, default=0.5,
+                   help="removal: share of neurons kept active (by A_source[:, target])")
     add_flag(p, "batch_size", True, type=int, default=64)
     add_flag(p, "recon_per_batch", True, type=int, default=20, help="reconstructed samples in each removal batch")
     add_augment_arg(p)

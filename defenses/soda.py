@@ -39,7 +39,8 @@ def closed_form_matrix(split: SplitModel) -> torch.Tensor:
 
 
 @torch.no_grad()
-def intervention_matrix(split: SplitModel, inputs: torch.Tensor, autocast=None, chunk: int | None = None) -> torch.Tensor:
+def intervention_matrix(split: SplitModel, inputs: torch.Tensor, autocast=None,
+                        chunk: int | None = None) -> torch.Tensor:
     """Mean over ``inputs`` (normalised N×C×H×W) of |back(h + e_i) − back(h)| for every hidden neuron i: D×C."""
     autocast = autocast or (lambda: torch.autocast(inputs.device.type, enabled=False))
     with autocast():
