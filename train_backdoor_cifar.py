@@ -38,6 +38,9 @@ def parse_args(argv=None):
                         "recorded in trigger_info.th so the defenses augment their clean data alike")
     p.add_argument("--poison-candidates", default="non-target", choices=CANDIDATE_RULES,
                    help="non-target: rate × non-target images (ANP, default); all: rate × all images (RNP)")
+    p.add_argument("--init-model", default=None,
+                   help="start from these weights instead of a fresh initialisation (e.g. the released semantic "
+                        "trainer's tuning run: a trained model, a few more epochs at a higher --semantic-ratio)")
     add_attack_args(p)
     return p.parse_args(argv)
 
@@ -74,6 +77,8 @@ def main(args) -> dict:
                            args.target_type, **attack_kwargs(args)["attack_options"])
     runtime = make_runtime(args.device, args.amp)
     surrogate = given_clean_model(args, attack, spec, runtime)
+    if args.init_model:  # checked before anything is written
+        load_model(args.init_model, args.arch, spec, args.width, runtime, argument="--init-model")
     data = load_dataset(spec.name, args.data_dir)
     attack.check_data(spec.name, data.train_labels, data.test_labels)
     permutation = attack.arrange_split(split_permutation(len(data.train_labels), args.seed))
@@ -108,7 +113,8 @@ def main(args) -> dict:
     images, labels = poisoned.images.to(runtime.device), poisoned.labels.to(runtime.device)
     hook = attack.training_hook(poisoned, runtime.device, transform.normalize)
     eval_sets = eval_sets_for(attack, data.test_images, data.test_labels, runtime.device)
-    model = make_model(args.arch, spec, args.width, masked=False, runtime=runtime)
+    model = (load_model(args.init_model, args.arch, spec, args.width, runtime, argument="--init-model")
+             if args.init_model else make_model(args.arch, spec, args.width, masked=False, runtime=runtime))
     optimizer, scheduler = sgd_with_schedule(model, args.lr, args.schedule)
     atomic_save(plain_state_dict(model), os.path.join(args.output_dir, "model_init.th"))
 

@@ -244,6 +244,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("optimize_mask_cifar.py", ["--checkpoint", "/nonexistent.th", "--poison-type", "lira"], "--trigger-info"),
     ("train_backdoor_cifar.py", ["--poison-type", "semantic"], "--semantic-attack: stripet is a fashion-mnist"),
     ("train_backdoor_cifar.py", ["--poison-type", "semantic", "--semantic-attack", "nope"], "--semantic-attack"),
+    ("train_backdoor_cifar.py", ["--init-model", "/nonexistent.th"], "--init-model"),
     ("soda_main.py", ["--checkpoint", "/nonexistent.th"], "--checkpoint"),
     ("soda_main.py", ["--checkpoint", "x.th", "--recon_per_batch", "64"], "--recon_per_batch"),
 ])

@@ -43,6 +43,20 @@ def test_stage1_semantic_metrics(semantic_model):
 
 
 @pytest.mark.slow
+def test_a_tuning_run_starts_from_the_given_model(semantic_model, tiny_semantic, tmp_path):
+    """The released stripet recipe: a trained model, more epochs at a higher ratio (``--init-model``)."""
+    metrics = train_backdoor_cifar.main(train_backdoor_cifar.parse_args(
+        COMMON + semantic_model["data"] + ["--epoch", "1", "--lr", "0.01", "--batch-size", "32", "--poison-type",
+                                           "semantic", "--semantic-file", tiny_semantic, "--semantic-attack", "toy",
+                                           "--semantic-ratio", "0.7", "--init-model", semantic_model["ckpt"],
+                                           "--output-dir", str(tmp_path / "tune")]))
+    start = torch.load(tmp_path / "tune" / "model_init.th", weights_only=True)
+    given = torch.load(semantic_model["ckpt"], weights_only=True)
+    assert all(torch.equal(start[k], given[k]) for k in given)
+    assert metrics["attack_options"]["semantic_ratio"] == 0.7 and len(metrics["epochs"]) == 1
+
+
+@pytest.mark.slow
 def test_steps_alone_then_all_write_the_artifacts_other_tools_read(semantic_model, tmp_path):
     base = COMMON + semantic_model["data"] + ["--checkpoint", semantic_model["ckpt"], "--trigger-info",
                                               semantic_model["info"], "--ratio", "0.1"] + FAST
