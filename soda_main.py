@@ -32,7 +32,7 @@ from utils.cli import add_common_args, check_positive, check_range
 from utils.errors import ArgumentParser, UserError, run_cli
 from utils.evaluation import class_accuracy, predict
 from utils.plots import pyplot, save_figure
-from utils.run_log import Timer
+from utils.run_log import Timer, run_metadata
 
 STEPS = ("analyze", "detect", "gen_trigger", "remove")
 OPTIONS = ("all",) + STEPS + ("causality_analysis",)  # the original's name for analyze
@@ -330,7 +330,8 @@ def main(args) -> dict:
     result["timings"] = {**previous.get("timings", {}), **timings}
     result["steps"] = list(steps)
     result["source_class_reported"] = report_source[0]
-    return run.finish({k: v for k, v in result.items() if k not in ("command", "args", "versions", "time")})
+    fresh = run_metadata(args, runtime)  # this invocation's command, versions, device, memory: not the previous
+    return run.finish({k: v for k, v in result.items() if k not in fresh})
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def test_steps_alone_then_all_write_the_artifacts_other_tools_read(semantic_mode
     model = create_model("resnet18", 10, 3, 8)
     model.load_state_dict(torch.load(steps / "repaired_model.th", weights_only=True))  # plain: no mask kept
     saved = json.loads((steps / "metrics.json").read_text())
+    assert saved["args"]["option"] == "remove" and saved["steps"] == ["remove"]  # the last step's own metadata
     for key in ("before", "after"):
         assert {"clean_acc", "asr", "source_acc"} <= set(saved[key])
     stage1 = semantic_model["metrics"]
