@@ -29,7 +29,10 @@ from models.split import SplitModel, head_of
 from utils.errors import UserError
 
 MAD_SCALE = 1.4826  # MAD of a normal distribution's sample -> its standard deviation
-INTERVENTION_ELEMENTS = 1 << 24  # floats per batched intervention forward (neurons × samples × neuron count)
+# Floats per batched intervention forward (neurons × samples × neuron count). On the CPU the work is
+# compute-bound and large chunks only add cache misses (benchmarks/bench_soda.py: 2^20 about matches the
+# per-neuron loop, 2^22 and up are slower); on CUDA large chunks replace thousands of small launches.
+INTERVENTION_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
 
 
 # --- 1. causality analysis ----------------------------------------------------------------------
@@ -50,7 +53,8 @@ def intervention_matrix(split: SplitModel, inputs: torch.Tensor, autocast=None,
     neurons = flat.shape[1]
     with autocast():
         base = split.back(h).float()
-    chunk = chunk or max(1, INTERVENTION_ELEMENTS // max(1, n * neurons))
+    budget = INTERVENTION_ELEMENTS.get(flat.device.type, INTERVENTION_ELEMENTS["cpu"])
+    chunk = chunk or max(1, budget // max(1, n * neurons))
     rows = []
     for start in range(0, neurons, chunk):
         idx = torch.arange(start, min(start + chunk, neurons), device=flat.device)

@@ -16,3 +16,12 @@ def test_benchmark_prints_one_ratio_line_per_path(capsys):
     out = capsys.readouterr().out
     for name in ("sweep", "anp", "rnp", "train"):
         assert re.search(rf"^{name}: original-style [0-9.]+ s, ours [0-9.]+ s, ratio [0-9.]+$", out, flags=re.M), out
+
+
+def test_soda_benchmark_prints_one_ratio_line_per_split(capsys):
+    import bench_soda
+
+    bench_soda.main(["--device", "cpu", "--width", "4", "--samples", "4", "--splits", "penultimate", "layer4"])
+    out = capsys.readouterr().out
+    for name in ("causality-penultimate", "causality-penultimate-closed-form", "causality-layer4"):
+        assert re.search(rf"^{name}: original-style [0-9.]+ s, ours [0-9.]+ s, ratio [0-9.]+$", out, flags=re.M), out
