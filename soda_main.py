@@ -30,7 +30,6 @@ from models.split import PENULTIMATE, split_model
 from utils.checkpoint import atomic_save, atomic_write_text, plain_state_dict, safe_load
 from utils.cli import add_common_args, check_positive, check_range
 from utils.errors import ArgumentParser, UserError, run_cli
-from utils.evaluation import class_accuracy, predict
 from utils.plots import pyplot, save_figure
 from utils.run_log import Timer, run_metadata
 
@@ -207,19 +206,20 @@ def main(args) -> dict:
 
     def evaluate(net) -> dict:
         m = run.evaluate(net)
-        out = {"clean_acc": m["clean_acc"], "asr": m["asr"] if attack.has_backdoor else None,
-               "ra": m["ra"] if attack.has_backdoor else None, "source_acc": m.get("source_acc")}
-        if out["source_acc"] is None and report_source[0] is not None:
-            logits = predict(net, data.eval_sets.clean_images, data.transform.normalize, autocast=runtime.autocast)
-            out["source_acc"] = class_accuracy(logits, data.eval_sets.clean_labels, report_source[0])
-        return out
+        return {"clean_acc": m["clean_acc"], "asr": m["asr"] if attack.has_backdoor else None,
+                "ra": m["ra"] if attack.has_backdoor else None, "source_acc": m.get("source_acc")}
+
+    def report_source(source: int | None) -> None:
+        """The class whose clean accuracy is reported: the attack's, else the detected (or given) source."""
+        if data.eval_sets.source_class is None:
+            data.eval_sets.source_class = source
 
     def describe(m: dict) -> str:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         return f"ACC {fmt(m['clean_acc'])} ASR {fmt(m['asr'])} source-class ACC {fmt(m['source_acc'])}"
 
     detection = previous.get("detection")
-    report_source = [attack.source_class if attack.source_class is not None else (detection or {}).get("source")]
+    report_source((detection or {}).get("source"))
     inputs = class_inputs(data, args.num_sample)
     log(f"{data.spec.name}, {len(data.defense_labels)} clean defender images, {min(len(x) for x in inputs)}-"
         f"{max(len(x) for x in inputs)} per class for the analysis; split at {split.at}; attack "
@@ -253,8 +253,7 @@ def main(args) -> dict:
         else:
             log(f"detect: source {detection['source']} -> target {detection['target']} (normalised scores {scores}; "
                 f"threshold {detection['target_test']['threshold']:.3f})")
-        if report_source[0] is None:
-            report_source[0] = detection["source"]
+        report_source(detection["source"])
         result["detection"] = detection
 
     source, target = None, None
@@ -262,8 +261,7 @@ def main(args) -> dict:
         if detection is None and args.potential_source is None:
             detection = artifact(args, "detection.json", "detect")
         source, target = pair(args, detection)
-        if report_source[0] is None:
-            report_source[0] = source
+        report_source(source)
 
     before = evaluate(model)
     result["before"] = before
@@ -329,7 +327,7 @@ def main(args) -> dict:
 
     result["timings"] = {**previous.get("timings", {}), **timings}
     result["steps"] = list(steps)
-    result["source_class_reported"] = report_source[0]
+    result["source_class_reported"] = data.eval_sets.source_class
     fresh = run_metadata(args, runtime)  # this invocation's command, versions, device, memory: not the previous
     return run.finish({k: v for k, v in result.items() if k not in fresh})
 

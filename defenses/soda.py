@@ -214,12 +214,12 @@ def reconstruct(model: torch.nn.Module, inputs: torch.Tensor, target: int, sourc
     done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     used = torch.zeros(len(x), dtype=torch.long, device=x.device)
     try:
-        for _ in tqdm(range(steps), desc="reconstruct", leave=False, disable=not progress):
+        for step in tqdm(range(steps), desc="reconstruct", leave=False, disable=not progress):
             with autocast():
                 logits = model(x).float()
             with torch.no_grad():
                 done |= logits.softmax(1)[:, target] >= stop_confidence
-                if bool(done.all()):
+                if step % 16 == 0 and bool(done.all()):  # a host sync: checked now and then (finished ones are frozen)
                     break
                 used += (~done).long()
             loss = (-logits[:, target] + reg * x.pow(2).flatten(1).mean(1))
@@ -227,8 +227,8 @@ def reconstruct(model: torch.nn.Module, inputs: torch.Tensor, target: int, sourc
             (loss * (~done).float()).sum().backward()
             before = x.detach().clone()
             optimizer.step()
-            with torch.no_grad():  # finished samples stay where they stopped
-                x[done] = before[done]
+            with torch.no_grad():  # finished samples stay where they stopped (no boolean indexing: no sync)
+                x.copy_(torch.where(done.view(-1, *[1] * (x.dim() - 1)), before, x))
         with torch.no_grad(), autocast():
             reached = model(x).float().argmax(1) == target
     finally:
