@@ -18,7 +18,7 @@ from utils.errors import ArgumentParser, UserError, run_cli
 from utils.run_log import Timer
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="ANP stage 2: adversarial neuron mask optimisation.")
     add_common_args(p, dataset_default=None)
     p.add_argument("--checkpoint", "--checkpoints", dest="checkpoint", required=True,
@@ -38,7 +38,11 @@ def parse_args(argv=None):
                    help="clip the perturbation back into [-eps, eps] after its step (the original does not)")
     add_attack_args(p)
     add_augment_arg(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(args) -> dict:

@@ -14,7 +14,7 @@ from utils.errors import ArgumentParser, run_cli
 from utils.run_log import Timer
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="ANP stage 3: prune neurons by mask value.")
     add_common_args(p, dataset_default=None)
     p.add_argument("--checkpoint", "--checkpoints", dest="checkpoint", required=True, help="the backdoored model")
@@ -24,7 +24,11 @@ def parse_args(argv=None):
     p.add_argument("--val-frac", type=float, default=0.01,
                    help="the clean defense data (as in stage 2) on which --operating-point defense-acc measures")
     add_attack_args(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(args) -> dict:

@@ -32,7 +32,7 @@ def _flag(parser, name: str, **kwargs) -> None:
     add_flag(parser, name, snake_case_too=True, **kwargs)
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="RNP: unlearn, recover neuron masks, prune.")
     add_common_args(p, dataset_default=None)
     _flag(p, "backdoor_model_path", required=True, help="the backdoored model (ours or the original tools')")
@@ -60,7 +60,11 @@ def parse_args(argv=None):
     _flag(p, "target_type", default="all2one", choices=["all2one", "all2all"])
     _flag(p, "trigger_info", default="", help="trigger_info.th from train_backdoor_cifar.py (decides the attack)")
     add_augment_arg(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(args) -> dict:

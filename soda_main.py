@@ -37,7 +37,7 @@ STEPS = ("analyze", "detect", "gen_trigger", "remove")
 OPTIONS = ("all",) + STEPS + ("causality_analysis",)  # the original's name for analyze
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="SODA: semantic backdoor detection and removal.")
     add_common_args(p, dataset_default=None)
     p.add_argument("--checkpoint", "--in_model", dest="checkpoint", required=True,
@@ -71,7 +71,11 @@ def parse_args(argv=None):
     add_flag(p, "batch_size", True, type=int, default=64)
     add_flag(p, "recon_per_batch", True, type=int, default=20, help="reconstructed samples in each removal batch")
     add_augment_arg(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def check_args(args) -> None:

@@ -24,7 +24,7 @@ from utils.run_log import Timer, run_metadata, start_run, write_metrics
 from utils.training import sgd_with_schedule, train_epoch
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Train a backdoored model (stage 1 of ANP).")
     add_common_args(p)
     p.add_argument("--batch-size", type=int, default=128)
@@ -42,7 +42,11 @@ def parse_args(argv=None):
                    help="start from these weights instead of a fresh initialisation (e.g. the released semantic "
                         "trainer's tuning run: a trained model, a few more epochs at a higher --semantic-ratio)")
     add_attack_args(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def given_clean_model(args, attack, spec, runtime):

@@ -54,12 +54,42 @@ def run_metadata(args, runtime=None) -> dict:
     return {
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "args": {k: v for k, v in vars(args).items()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "versions": library_versions(),
+        "code_version": code_version(),
         "seed": getattr(args, "seed", None),
         "device": str(runtime.device) if runtime is not None else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "peak_memory_mib": peak_memory_mib(runtime),
     }
+
+
+def library_versions() -> dict:
+    import numpy
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__}
+
+
+_CODE_VERSION: list = []
+
+
+def code_version() -> str | None:
+    """The checkout's git commit (``+dirty`` with uncommitted changes), or None outside a git checkout."""
+    if not _CODE_VERSION:
+        import subprocess
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        try:
+            def git(*cmd):
+                return subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True, timeout=10,
+                                      check=True).stdout.strip()
+            commit = git("rev-parse", "HEAD")
+            version = commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        except (OSError, subprocess.SubprocessError):
+            version = None
+        _CODE_VERSION.append(version)
+    return _CODE_VERSION[0]
 
 
 def peak_memory_mib(runtime=None) -> dict:

@@ -1,0 +1,195 @@
+"""A grid's config file (YAML): what to train, which defenses and operating rules, which seeds.
+
+    name: fmnist_cpu
+    output_dir: runs/fmnist_cpu
+    dataset: fashion-mnist          # common flags of every stage: dataset, data_dir, arch, width, device
+    arch: resnet18
+    width: 8
+    seeds: [0, 1, 2]                # one stage-1 model per attack and seed
+    defense_seeds: [0]              # optional: defense runs per model (default: the model's own seed)
+    train: {epoch: 4, schedule: [2, 3]}      # stage-1 flags for every attack
+    attacks:                        # label: stage-1 flags; poison_type defaults to the label
+      badnets: {poison_rate: 0.05}
+      badnets-all2all: {poison_type: badnets, target_type: all2all}
+    defenses:                       # label: the defense's flags; defense defaults to the label
+      anp: {nb_iter: 300}
+      rnp: {}
+    rules:                          # operating rules of the pruning defenses; rule defaults to the label
+      fixed: {save_threshold: 0.2}
+      clean-data: {rule: defense-acc, max_acc_drop: 0.05}
+    oracle: {max_acc_drop: 0.05}    # the labelled oracle row of the report (never an operating point)
+    published: published.yaml       # papers' numbers, each cited (path relative to this file)
+    report: {removed_asr: 0.10, removed_acc_drop: 0.05}
+    jobs: 1                         # cells at once with --executor local
+    slurm: {partition: gpu, gpus_per_task: 1, cpus_per_task: 8, time_min: 240, array_parallelism: 32}
+
+Flag names are written as in the scripts, with ``_`` or ``-``; lists give several values. Every
+problem is one line naming the file and the key.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from data.attacks import ATTACKS
+from utils.errors import UserError
+
+TOP_LEVEL = ("name", "description", "output_dir", "dataset", "data_dir", "arch", "width", "device", "seeds",
+             "defense_seeds", "train", "attacks", "defenses", "rules", "oracle", "published", "report", "jobs",
+             "slurm")
+RULES = {"fixed": {"save_threshold": 0.2}, "defense-acc": {"max_acc_drop": 0.05}}
+SLURM_KEYS = {"partition": None, "gpus_per_task": 1, "cpus_per_task": 8, "time_min": 240, "array_parallelism": 32,
+              "mem_gb": None, "cluster": "slurm", "additional_parameters": None}
+
+
+class ConfigError(UserError):
+    def __init__(self, path: str, key: str, message: str):
+        super().__init__(f"{path}: {key}: {message}" if key else f"{path}: {message}")
+
+
+@dataclass
+class Entry:
+    """One attack, defense or rule of the grid: the label it is reported under, what it is, its options."""
+    label: str
+    kind: str
+    options: dict
+
+
+@dataclass
+class GridConfig:
+    path: str
+    name: str
+    output_dir: str
+    common: dict  # dataset, data_dir, arch, width, device: flags of every stage
+    seeds: list[int]
+    defense_seeds: list[int] | None
+    train: dict
+    attacks: list[Entry]
+    defenses: list[Entry]
+    rules: list[Entry]
+    oracle_max_acc_drop: float = 0.05
+    published: str | None = None
+    removed_asr: float = 0.10
+    removed_acc_drop: float = 0.05
+    jobs: int = 1
+    slurm: dict = field(default_factory=dict)
+
+    def seeds_of_defense(self, model_seed: int) -> list[int]:
+        return list(self.defense_seeds) if self.defense_seeds is not None else [model_seed]
+
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError:
+        raise UserError("--config: reading a config needs PyYAML (pip install pyyaml)") from None
+    return yaml
+
+
+def load_config(path: str, overrides: dict | None = None) -> GridConfig:
+    """Read and check ``path``; ``overrides`` (from the command line) replace top-level keys."""
+    if not os.path.isfile(path):
+        raise UserError(f"--config: {path} does not exist")
+    yaml = _yaml()
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(path, "", f"not a readable YAML file{line}: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "", "expected a mapping of keys (name, attacks, defenses, ...) at the top level")
+    raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    unknown = sorted(set(raw) - set(TOP_LEVEL))
+    if unknown:
+        raise ConfigError(path, unknown[0], f"unknown key (expected one of {', '.join(TOP_LEVEL)})")
+    for key in ("attacks", "defenses", "seeds"):
+        if key not in raw:
+            raise ConfigError(path, key, "missing")
+
+    def ints(key, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                 for v in value):
+            raise ConfigError(path, key, f"expected a list of integer seeds, got {value!r}")
+        if len(set(value)) != len(value):
+            raise ConfigError(path, key, f"a seed appears twice in {value}")
+        return value
+
+    def mapping(key, value):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(path, key, f"expected a mapping, got {type(value).__name__}")
+        return value
+
+    def entries(key, value, kind_key, known, default_options=None):
+        if isinstance(value, list):  # a list of names: every one with its default options
+            value = {name: {} for name in value}
+        value = mapping(key, value)
+        if not value:
+            raise ConfigError(path, key, "expected at least one entry")
+        out = []
+        for label, options in value.items():
+            options = dict(mapping(f"{key}.{label}", options))
+            kind = options.pop(kind_key, label)
+            if kind not in known:
+                raise ConfigError(path, f"{key}.{label}", f"unknown {kind_key.replace('_', ' ')} {kind!r} "
+                                  f"(known: {', '.join(sorted(known))})")
+            if default_options is not None:
+                extra = sorted(set(options) - set(default_options[kind]))
+                if extra:
+                    raise ConfigError(path, f"{key}.{label}.{extra[0]}", f"not an option of rule {kind!r} "
+                                      f"(expected {', '.join(default_options[kind])})")
+                options = {**default_options[kind], **options}
+            out.append(Entry(str(label), kind, options))
+        return out
+
+    from .plans import DEFENSES  # the defenses the grid knows how to stage
+
+    width = raw.get("width", 64)
+    if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
+        raise ConfigError(path, "width", f"expected a positive integer, got {width!r}")
+    jobs = raw.get("jobs", 1)
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs <= 0:
+        raise ConfigError(path, "jobs", f"expected a positive integer, got {jobs!r}")
+    slurm = mapping("slurm", raw.get("slurm"))
+    extra = sorted(set(slurm) - set(SLURM_KEYS))
+    if extra:
+        raise ConfigError(path, f"slurm.{extra[0]}", f"unknown key (expected one of {', '.join(SLURM_KEYS)})")
+    oracle = mapping("oracle", raw.get("oracle"))
+    report = mapping("report", raw.get("report"))
+    for key, section, allowed in (("oracle", oracle, ("max_acc_drop",)),
+                                  ("report", report, ("removed_asr", "removed_acc_drop"))):
+        for k, v in section.items():
+            if k not in allowed:
+                raise ConfigError(path, f"{key}.{k}", f"unknown key (expected {', '.join(allowed)})")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
+                raise ConfigError(path, f"{key}.{k}", f"expected a number in [0, 1], got {v!r}")
+    published = raw.get("published")
+    if published is not None:
+        if not isinstance(published, str):
+            raise ConfigError(path, "published", f"expected a file name, got {published!r}")
+        published = os.path.join(os.path.dirname(os.path.abspath(path)), published)
+        if not os.path.isfile(published):
+            raise ConfigError(path, "published", f"{published} does not exist")
+    name = str(raw.get("name") or os.path.splitext(os.path.basename(path))[0])
+    common = {"dataset": raw.get("dataset", "cifar10"), "arch": raw.get("arch", "resnet18"), "width": width,
+              "device": raw.get("device", "auto")}
+    if raw.get("data_dir") is not None:
+        common["data_dir"] = raw["data_dir"]
+    defense_seeds = raw.get("defense_seeds")
+    return GridConfig(
+        path=path, name=name, output_dir=str(raw.get("output_dir") or os.path.join("runs", name)), common=common,
+        seeds=ints("seeds", raw["seeds"]),
+        defense_seeds=None if defense_seeds in (None, "same") else ints("defense_seeds", defense_seeds),
+        train=mapping("train", raw.get("train")),
+        attacks=entries("attacks", raw["attacks"], "poison_type", ATTACKS),
+        defenses=entries("defenses", raw["defenses"], "defense", DEFENSES),
+        rules=entries("rules", raw.get("rules", ["fixed"]), "rule", RULES, RULES),
+        oracle_max_acc_drop=float(oracle.get("max_acc_drop", 0.05)), published=published,
+        removed_asr=float(report.get("removed_asr", 0.10)),
+        removed_acc_drop=float(report.get("removed_acc_drop", 0.05)), jobs=jobs,
+        slurm={**SLURM_KEYS, **slurm})
