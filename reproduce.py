@@ -97,3 +97,6 @@ if __name__ == "__main__":
     except UserError as err:
         sys.stderr.write(f"error: {err}\n")
         sys.exit(2)
+    except BrokenPipeError:  # e.g. --dry-run | head
+        sys.stderr.close()
+        os._exit(0)

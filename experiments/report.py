@@ -197,8 +197,13 @@ def _published_attack(attack) -> str:
     return attack.kind
 
 
+def _published_triple(m: dict | None) -> str:
+    return " / ".join(f"{m[k]:g}" for k in ("acc", "asr", "ra") if k in (m or {})) or "–"
+
+
 def table_markdown(config: GridConfig, records: list[dict], published: list[dict]) -> str:
     groups = group_rows(config, records)
+    references: dict = {}
     total = sum(1 for r in records if r["stage"] != ORACLE)
     missing = sum(1 for r in records if r["status"] == "missing")
     c = config.common
@@ -240,17 +245,19 @@ def table_markdown(config: GridConfig, records: list[dict], published: list[dict
         kinds = {d.kind for d in config.defenses}
         theirs = [p for p in published if p.get("attack") == _published_attack(attack) and p.get("defense") in kinds]
         if theirs:
-            lines += ["", "Published (a different setting unless it says so; ACC / ASR (/ RA) in %):", "",
-                      "| defense | rule | before | after | setting | source |", "|---|---|---|---|---|---|"]
+            lines += ["", "Published (ACC / ASR (/ RA) in %; setting and source under *References*):", "",
+                      "| defense | rule | dataset, model | before | after | ref |", "|---|---|---|---|---|---|"]
             for p in theirs:
-                def triple(m):
-                    return " / ".join(f"{m[k]:g}" for k in ("acc", "asr", "ra") if k in (m or {})) or "–"
                 rule = p.get("rule", "")
                 if p.get("threshold") is not None:
                     rule += f" {p['threshold']:g}"
-                lines.append(f"| {p['defense']} | {rule} | {triple(p.get('before'))} | {triple(p.get('after'))} | "
-                             f"{p.get('setting', '')} | {p.get('source', '')} |")
+                ref = references.setdefault((p.get("source", "").rstrip("."), p.get("setting", "").rstrip(".")), len(references) + 1)
+                lines.append(f"| {p['defense']} | {rule} | {p.get('dataset', '')}, {p.get('arch', '')} | "
+                             f"{_published_triple(p.get('before'))} | {_published_triple(p.get('after'))} | [{ref}] |")
         lines.append("")
+    if references:
+        lines += ["## References", ""] + [f"[{n}] {source}. Setting: {setting}." for (source, setting), n in
+                                          references.items()] + [""]
     return "\n".join(lines)
 
 
