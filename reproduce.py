@@ -14,6 +14,7 @@ plots/ there.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from experiments.config import load_config
@@ -53,6 +54,10 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(args) -> int:
     if args.jobs is not None and args.jobs <= 0:
         raise UserError(f"--jobs: expected a positive number, got {args.jobs}")
@@ -77,13 +82,17 @@ def main(args) -> int:
         print(f"{len(chosen)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
         return 0
     executor = make_executor(args.executor, config, args.jobs)
+    # Ctrl-C, kill -INT (even from a background shell, which ignores it by default) and kill -TERM (a batch
+    # system's stop) all end the grid the same way: running cells stopped, finished ones kept.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     log = RunLog(config.output_dir, "grid.log")
     log(f"# {' '.join(['reproduce.py'] + sys.argv[1:])}")
     try:
         summary = run_grid(chosen, executor, log)
     except KeyboardInterrupt:
-        log("interrupted: finished cells are kept (each cell's metrics.json is written last); the same command "
-            "runs the missing ones")
+        log("interrupted: the running cells were stopped, finished ones are kept (each cell's metrics.json is "
+            "written last); the same command runs the missing ones")
         return 130
     text = write_report(config, cells)
     log(f"report: {os.path.join(config.output_dir, 'table.md')}, results.csv, plots/")

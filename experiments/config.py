@@ -86,6 +86,30 @@ def _yaml():
     return yaml
 
 
+PUBLISHED_KEYS = ("source", "attack", "defense", "before", "after")
+
+
+def check_published(path: str, published: str) -> None:
+    """The papers' numbers file: ``entries``, each citing its ``source`` with ``before``/``after`` numbers."""
+    yaml = _yaml()
+    try:
+        with open(published) as f:
+            entries = (yaml.safe_load(f) or {}).get("entries")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as err:
+        raise ConfigError(path, "published", f"{published} is not a readable YAML mapping ({err})") from None
+    if not isinstance(entries, list):
+        raise ConfigError(path, "published", f"{published}: expected a list under 'entries'")
+    for i, entry in enumerate(entries):
+        missing = [k for k in PUBLISHED_KEYS if not isinstance(entry, dict) or entry.get(k) in (None, "")]
+        if missing:
+            raise ConfigError(path, "published", f"{published}: entry {i + 1} has no {missing[0]!r}")
+        for side in ("before", "after"):
+            numbers = entry[side]
+            if not isinstance(numbers, dict) or not all(isinstance(v, (int, float)) for v in numbers.values()):
+                raise ConfigError(path, "published", f"{published}: entry {i + 1}: {side} must map acc/asr/ra to "
+                                  "numbers")
+
+
 def load_config(path: str, overrides: dict | None = None) -> GridConfig:
     """Read and check ``path``; ``overrides`` (from the command line) replace top-level keys."""
     if not os.path.isfile(path):
@@ -175,6 +199,7 @@ def load_config(path: str, overrides: dict | None = None) -> GridConfig:
         published = os.path.join(os.path.dirname(os.path.abspath(path)), published)
         if not os.path.isfile(published):
             raise ConfigError(path, "published", f"{published} does not exist")
+        check_published(path, published)
     name = str(raw.get("name") or os.path.splitext(os.path.basename(path))[0])
     common = {"dataset": raw.get("dataset", "cifar10"), "arch": raw.get("arch", "resnet18"), "width": width,
               "device": raw.get("device", "auto")}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
@@ -21,14 +23,29 @@ SUBMITIT_PIN = "submitit==1.5.4"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _worker_signals() -> None:
+    """A worker leaves Ctrl-C to the grid (which stops it) and dies with the grid on Linux, so an interrupted
+    grid never leaves workers behind that go on writing into cell folders."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def _init_cpu_worker(threads: int) -> None:
     import torch
 
+    _worker_signals()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
 
 
 def _init_gpu_worker(gpu_ids) -> None:
+    _worker_signals()
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_ids.get())  # before this worker touches CUDA
 
 
@@ -38,8 +55,9 @@ def _failed(cell: dict, error: str) -> dict:
 
 def _run_pool(cells: list[dict], on_done: Callable[[dict], None], workers: int, initializer, initargs) -> None:
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: safe with CUDA
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=initializer,
-                             initargs=initargs(context)) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=initializer,
+                               initargs=initargs(context))
+    try:
         futures = {pool.submit(run_cell, cell): cell for cell in cells}
         for future in as_completed(futures):
             try:
@@ -49,6 +67,12 @@ def _run_pool(cells: list[dict], on_done: Callable[[dict], None], workers: int, 
             except Exception as err:  # noqa: BLE001 - e.g. the cell could not be sent to the worker
                 result = _failed(futures[future], f"{type(err).__name__}: {err}")
             on_done(result)
+    except BaseException:  # Ctrl-C or an error of the grid itself: stop the running cells now
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 class LocalExecutor:
@@ -147,13 +171,20 @@ class SlurmExecutor:
     def run(self, cells: list[dict], on_done: Callable[[dict], None]) -> None:
         jobs = self.executor.map_array(run_cell, cells)
         by_job = {job.job_id: cell for job, cell in zip(jobs, cells)}
-        for job in self.submitit.helpers.as_completed(jobs):
-            try:
-                result = job.result()
-            except Exception as err:  # noqa: BLE001 - the job died (time limit, node failure): others go on
-                first = str(err).strip().splitlines()
-                result = _failed(by_job[job.job_id], f"submitit job {job.job_id} failed: {first[-1] if first else err}")
-            on_done(result)
+        try:
+            for job in self.submitit.helpers.as_completed(jobs):
+                try:
+                    result = job.result()
+                except Exception as err:  # noqa: BLE001 - the job died (time limit, node failure): others go on
+                    first = str(err).strip().splitlines()
+                    result = _failed(by_job[job.job_id], f"submitit job {job.job_id} failed: "
+                                     f"{first[-1] if first else err}")
+                on_done(result)
+        except KeyboardInterrupt:  # a resubmission must not race jobs still writing into the same folders
+            for job in jobs:
+                if not job.done():
+                    job.cancel(check=False)
+            raise
 
 
 def make_executor(name: str, config, jobs: int | None = None):

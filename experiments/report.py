@@ -270,8 +270,8 @@ def plot_attack(config: GridConfig, attack: str, rows, path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows)), 4))
     width = 0.27
     for k, (key, label) in enumerate((("acc", "ACC"), ("asr", "ASR"), ("ra", "RA"))):
-        xs, means, stds = [], [], []
-        for i, (_, _, rs) in enumerate(rows):
+        xs, means, stds, hatches = [], [], [], []
+        for i, (_, rule, rs) in enumerate(rows):
             values = [r[key] for r in rs if r.get(key) is not None]
             if not values:
                 continue
@@ -279,10 +279,14 @@ def plot_attack(config: GridConfig, attack: str, rows, path: str) -> None:
             xs.append(i + (k - 1) * width)
             means.append(s["mean"])
             stds.append(s["std"])
+            hatches.append("//" if rule == ORACLE else "")
             ax.plot([i + (k - 1) * width] * len(values), values, ".", color="k", ms=3, alpha=0.6)
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=label, alpha=0.8)
+        bars = ax.bar(xs, means, width, yerr=stds, capsize=3, label=label, alpha=0.8, color=f"C{k}")
+        for bar, hatch in zip(bars, hatches):  # the oracle rows: hatched, they are not a defense
+            bar.set_hatch(hatch)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([d if d == "no defense" else f"{d}\n{r}" for d, r, _ in rows], fontsize=8)
+    ax.set_xticklabels([d if d == "no defense" else f"{d}\n{r}" + (" (test set)" if r == ORACLE else "")
+                        for d, r, _ in rows], fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("rate")
     ax.set_title(f"{config.name}: {attack} (n per bar: {', '.join(str(len(rs)) for _, _, rs in rows)})")

@@ -157,6 +157,10 @@ def test_malformed_and_missing_config_files(tmp_path):
         load_config(str(bad))
     with pytest.raises(UserError, match="--config: .* does not exist"):
         load_config(str(tmp_path / "none.yaml"))
+    (tmp_path / "papers.yaml").write_text("entries:\n  - {attack: badnets, defense: anp, before: {acc: 90}, "
+                                          "after: {acc: 80}}\n")
+    with pytest.raises(UserError, match="published: .*papers.yaml: entry 1 has no 'source'"):
+        load_config(write_config(tmp_path / "g.yaml", published="papers.yaml"))
 
 
 def test_bad_input_on_the_command_line_is_one_line(tmp_path):
