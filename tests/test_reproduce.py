@@ -381,3 +381,43 @@ def test_soda_joins_a_grid_as_one_cell_per_model(tmp_path):
     assert soda.id == "semantic/seed0/soda/dseed0/soda" and soda.deps == [model.id] and soda.rule is None
     assert soda.argv[soda.argv.index("--confidence") + 1] == "2.5"
     assert soda.argv[soda.argv.index("--checkpoint") + 1] == os.path.join(model.directory, "last_model.th")
+
+
+@pytest.mark.slow
+def test_interrupting_a_pool_grid_stops_its_workers_and_a_rerun_finishes_the_rest(tiny_cifar, tmp_path):
+    import signal
+    import time
+
+    path = write_config(tmp_path / "g.yaml", data_dir=tiny_cifar, attacks={"badnets": {}}, rules=["fixed"],
+                        defenses={"anp": {"nb_iter": 300, "print_every": 300, "batch_size": 32, "val_frac": 0.05}})
+    config = load_config(path)
+    command = [sys.executable, os.path.join(ROOT, "reproduce.py"), "--config", path, "--jobs", "2"]
+    grid = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            start_new_session=True)
+    lines = []
+    for line in grid.stdout:  # interrupt once the masks are being computed (the models are done)
+        lines.append(line)
+        if line.startswith("[2/6] done"):
+            started = os.path.join(config.output_dir, "badnets/seed0/anp/dseed0/masks/output.log")
+            for _ in range(300):
+                if os.path.exists(started):
+                    break
+                time.sleep(0.1)
+            time.sleep(1)
+            grid.send_signal(signal.SIGINT)
+            break
+    output = "".join(lines) + grid.stdout.read()
+    assert grid.wait(timeout=60) == 130, output
+    assert "interrupted: the running cells were stopped" in output
+    for _ in range(50):  # the workers and multiprocessing's helper go with the grid
+        left = subprocess.run(["pgrep", "-s", str(grid.pid)], capture_output=True, text=True).stdout.split()
+        if not left:
+            break
+        time.sleep(0.2)
+    assert left == [], f"processes left behind: {left}"
+    masks = os.path.join(config.output_dir, "badnets/seed0/anp/dseed0/masks/metrics.json")
+    assert not os.path.exists(masks)  # stopped before it finished: nothing half-written counts as done
+
+    rerun = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "6 cells: 2 already done, 4 to run" in rerun.stdout and "0 failed, 0 blocked" in rerun.stdout
