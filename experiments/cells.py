@@ -163,10 +163,15 @@ def _as_command_line(script: str, argv: list[str]):
         sys.argv = saved
 
 
-def run_cell(cell: dict) -> dict:
+def run_cell(cell: dict, threads: int | None = None) -> dict:
     """Run one cell in this process: the script's ``parse_args`` and ``main``, its console output in
     ``cell.out`` beside its artifacts. Returns ``{"id", "ok", "seconds", "error"}``; never raises for a
-    failing stage (one cell's failure must not lose the others)."""
+    failing stage (one cell's failure must not lose the others). ``threads``: torch's intra-op threads
+    (a batch job's CPUs, not the node's)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     os.makedirs(cell["directory"], exist_ok=True)
     error = None

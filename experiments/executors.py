@@ -6,6 +6,7 @@ after failures. No scheduler of our own: a process pool from the standard librar
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
@@ -158,6 +159,8 @@ class SlurmExecutor:
             if options.get("additional_parameters"):
                 parameters["slurm_additional_parameters"] = options["additional_parameters"]
         self.executor.update_parameters(**parameters)
+        # A job's torch threads: its CPUs on Slurm; one each locally, where a wave's jobs all run at once.
+        self.threads = int(options["cpus_per_task"]) if cluster == "slurm" else 1
         # The jobs import this repository's modules (the stage scripts, experiments.cells).
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
@@ -169,7 +172,7 @@ class SlurmExecutor:
         return int(self.options.get("array_parallelism") or 1)
 
     def run(self, cells: list[dict], on_done: Callable[[dict], None]) -> None:
-        jobs = self.executor.map_array(run_cell, cells)
+        jobs = self.executor.map_array(functools.partial(run_cell, threads=self.threads), cells)
         by_job = {job.job_id: cell for job, cell in zip(jobs, cells)}
         try:
             for job in self.submitit.helpers.as_completed(jobs):

@@ -39,6 +39,7 @@ RNP_E2E = ("tests/test_scripts.py::test_rnp_one_command",
            "tests/test_scripts.py::test_rnp_resume_from_a_mask_file_prunes_by_that_file")
 GOLDEN = ("tests/test_golden.py",)
 SODA = ("tests/test_soda.py",)
+GRID = ("tests/test_reproduce.py",)
 OUTCOME = ("tests/test_scripts.py::test_anp_saved_operating_point", "tests/test_scripts.py::test_rnp_one_command")
 
 MUTATIONS = [
@@ -159,6 +160,17 @@ MUTATIONS = [
     Mutation("soda-recon-labelled-0", "SODA: reconstructed samples saved with label 0 (the released code's slip)",
              "soda_main.py", '"labels": torch.full((len(recon.images),), source)',
              '"labels": torch.full((len(recon.images),), 0)', ("tests/test_soda_pipeline.py",)),
+    Mutation("grid-corrupt-is-done", "Grid: a corrupt metrics.json counted as done", "experiments/cells.py",
+             'return "corrupt", f"{cell.metrics_path} is corrupt', 'return "done", f"{cell.metrics_path} is corrupt',
+             GRID),
+    Mutation("grid-no-downstream-rerun", "Grid: cells downstream of a rerun cell kept", "experiments/grid.py",
+             'state, why = "rerun", f"its input {rerun[0]} reruns"', 'state, why = "done", ""', GRID),
+    Mutation("grid-oracle-as-operating-point", "Grid: the report shows the oracle in place of the rule's point",
+             "experiments/report.py", 'after = metrics.get("operating_point") or metrics.get("after") or before',
+             'after = oracle_point(metrics, 0.05) if metrics.get("rows") else (metrics.get("after") or before)',
+             GRID),
+    Mutation("grid-population-std", "Grid: population std (n) instead of the sample std (n - 1)",
+             "experiments/report.py", "/ (n - 1)) if n > 1 else 0.0", "/ n) if n > 1 else 0.0", GRID),
     Mutation("semantic-in-held-out", "Semantic attack: listed images left in the held-out split",
              "data/attacks/semantic.py", "return torch.cat([permutation[~listed], permutation[listed]])",
              "return permutation", ("tests/test_semantic.py",)),

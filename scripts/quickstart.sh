@@ -9,7 +9,7 @@ OUT=${OUT:-runs/quickstart}
 mkdir -p "$(dirname "$OUT")"
 # the grid's progress lines live; the rest (its table, the stages' own logs) in $OUT.log and the cell folders
 python3 -u reproduce.py --config configs/quickstart.yaml --output-dir "$OUT" 2>&1 | tee "$OUT.log" \
-    | grep --line-buffered -E '^\[|^summary|cells: |^error|FAILED' || true
+    | grep --line-buffered -E '^\[[0-9]+/[0-9]+\]|^summary|cells: |^error|FAILED' || true
 if ! grep -q '^summary: .* 0 failed, 0 blocked' "$OUT.log"; then
     tail -20 "$OUT.log"; echo "quickstart failed: the whole log is in $OUT.log"; exit 1
 fi
@@ -29,8 +29,10 @@ for r in rows:
         removed = asr <= 0.10 and acc >= before - 0.05
         print(f"after {r['defense']} ({r['rule']} rule, threshold {r['threshold'] or 'none'}, {r['neurons_pruned']} "
               f"neurons pruned): ACC {acc:.4f}  ASR {asr:.4f}  RA {ra:.4f}")
+        why = ([f"ASR {asr:.3f} > 0.10"] if asr > 0.10 else []) + \
+            ([f"ACC lost {100 * (before - acc):.1f} points > 5"] if acc < before - 0.05 else [])
         print("  -> backdoor removed: ASR <= 0.10 with ACC within 5 points" if removed else
-              "  -> NOT removed in this draw (ASR > 0.10 or ACC lost more than 5 points); see the README's "
-              "five-seed table for how often this setting removes it")
+              f"  -> NOT removed in this draw ({', '.join(why)}); the README's five-seed table of this setting "
+              "says how often it is")
 print(f"\ntable: {os.path.join(out, 'table.md')}; plots: {os.path.join(out, 'plots')}")
 PY

@@ -351,12 +351,12 @@ def test_grid_end_to_end_local(tiny_cifar, tmp_path, capsys):
 @pytest.mark.slow
 def test_grid_end_to_end_through_submitit_local(tiny_cifar, tmp_path, capsys):
     pytest.importorskip("submitit")
-    path = write_config(tmp_path / "g.yaml", data_dir=tiny_cifar, rules=["fixed"], attacks={"badnets": {}},
+    path = write_config(tmp_path / "g.yaml", data_dir=tiny_cifar, rules=["fixed"],
                         slurm={"cluster": "local", "time_min": 20})
     config = load_config(path)
     assert reproduce.main(reproduce.parse_args(["--config", path, "--executor", "slurm"])) == 0
     out = capsys.readouterr().out
-    assert "on submitit (local)" in out and "summary: 8 cells, 0 already done, 8 ran, 0 failed" in out
+    assert "on submitit (local)" in out and "summary: 16 cells, 0 already done, 16 ran, 0 failed" in out
     assert os.path.isdir(os.path.join(config.output_dir, "submitit"))
     m = _cell_metrics(config.output_dir, "badnets/seed0/rnp/dseed0/fixed")
     assert m["command"].startswith("rnp_main.py ") and m["operating_point"]["rule"] == "fixed"
@@ -367,7 +367,7 @@ def test_grid_end_to_end_through_submitit_local(tiny_cifar, tmp_path, capsys):
         os.remove(os.path.join(config.output_dir, cell, "metrics.json"))
     assert reproduce.main(reproduce.parse_args(["--config", path, "--jobs", "2"])) == 0
     out = capsys.readouterr().out
-    assert "8 cells: 6 already done, 2 to run on 2 local processes" in out and "[2/2] done" in out
+    assert "16 cells: 14 already done, 2 to run on 2 local processes" in out and "[2/2] done" in out
 
 
 def test_soda_joins_a_grid_as_one_cell_per_model(tmp_path):
@@ -389,7 +389,7 @@ def test_interrupting_a_pool_grid_stops_its_workers_and_a_rerun_finishes_the_res
     import time
 
     path = write_config(tmp_path / "g.yaml", data_dir=tiny_cifar, attacks={"badnets": {}}, rules=["fixed"],
-                        defenses={"anp": {"nb_iter": 300, "print_every": 300, "batch_size": 32, "val_frac": 0.05}})
+                        defenses={"anp": {"nb_iter": 150, "print_every": 150, "batch_size": 32, "val_frac": 0.05}})
     config = load_config(path)
     command = [sys.executable, os.path.join(ROOT, "reproduce.py"), "--config", path, "--jobs", "2"]
     grid = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
