@@ -78,7 +78,8 @@ def main(args) -> int:
             state, why = states[cell.id]
             print(f"{state:8} {cell.id}" + (f"  ({why})" if why else ""))
             print(f"         {cell.command()}")
-        counts = {s: sum(1 for v in states.values() if v[0] == s) for s in ("done", "todo", "corrupt", "stale", "rerun")}
+        counts = {s: sum(1 for v in states.values() if v[0] == s)
+                  for s in ("done", "todo", "corrupt", "stale", "rerun")}
         print(f"{len(chosen)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
         return 0
     executor = make_executor(args.executor, config, args.jobs)

@@ -7,10 +7,12 @@ reuses a run made with other settings. ``run_cell`` is the function every execut
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 import json
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -20,7 +22,6 @@ from utils.errors import UserError
 
 from .config import ConfigError
 
-STAGE_SCRIPTS = ("train_backdoor_cifar", "optimize_mask_cifar", "prune_neuron_cifar", "rnp_main", "soda_main")
 # Argument destinations the grid sets itself; a config that sets them is refused.
 GRID_SET = {"seed", "dataset", "data_dir", "arch", "width", "device", "progress", "output_dir", "checkpoint",
             "trigger_info", "mask_file", "operating_point", "save_threshold", "max_acc_drop", "log_root",
@@ -48,19 +49,15 @@ class Cell:
         return os.path.join(self.directory, "metrics.json")
 
     def command(self) -> str:
-        return " ".join(["python3", f"{self.script}.py"] + [_quote(a) for a in self.argv])
+        return " ".join(["python3", f"{self.script}.py"] + [shlex.quote(a) for a in self.argv])
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
-
-
+@functools.lru_cache(maxsize=None)
 def script_parser(script: str):
+    """The stage script's parser, built once per process (planning and status parse every cell's argv)."""
     return importlib.import_module(script).build_parser()
 
 
@@ -144,8 +141,12 @@ def status(cell: Cell, planned_args) -> tuple[str, str]:
 
 
 def read_metrics(cell: Cell) -> dict | None:
+    return _read_json_object(cell.metrics_path)
+
+
+def _read_json_object(path: str) -> dict | None:
     try:
-        with open(cell.metrics_path) as f:
+        with open(path) as f:
             metrics = json.load(f)
         return metrics if isinstance(metrics, dict) else None
     except (OSError, UnicodeDecodeError, ValueError):
@@ -194,10 +195,6 @@ def run_cell(cell: dict, threads: int | None = None) -> dict:
                 error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         if error:
             out.write(f"cell failed: {error}\n")
-    if error is None:
-        try:
-            with open(os.path.join(cell["directory"], "metrics.json")) as f:
-                json.load(f)
-        except (OSError, ValueError):
-            error = "the stage finished without a readable metrics.json"
+    if error is None and _read_json_object(os.path.join(cell["directory"], "metrics.json")) is None:
+        error = "the stage finished without a readable metrics.json"
     return {"id": cell["id"], "ok": error is None, "seconds": time.perf_counter() - start, "error": error}

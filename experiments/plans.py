@@ -18,7 +18,11 @@ import os
 from .cells import Cell, common_flags, option_flags, parse_cell, script_parser
 from .config import GridConfig
 
-MODEL_FILES = ("last_model.th", "trigger_info.th")
+
+
+def model_files(model: Cell) -> tuple[str, str]:
+    """The stage-1 cell's checkpoint and trigger info, which every defense cell of that model reads."""
+    return os.path.join(model.directory, "last_model.th"), os.path.join(model.directory, "trigger_info.th")
 
 
 def model_cell(config: GridConfig, attack, seed: int) -> Cell:
@@ -49,9 +53,9 @@ def plan_anp(config: GridConfig, model: Cell, defense, dseed: int) -> list[Cell]
     scripts = ("optimize_mask_cifar", "prune_neuron_cifar")
     flags = option_flags(defense.options, {s: script_parser(s) for s in scripts}, f"defenses.{defense.label}",
                          config.path)
-    common = common_flags(config.common) + ["--seed", str(dseed), "--checkpoint",
-                                            os.path.join(model.directory, "last_model.th"), "--trigger-info",
-                                            os.path.join(model.directory, "trigger_info.th")]
+    checkpoint, trigger_info = model_files(model)
+    common = common_flags(config.common) + ["--seed", str(dseed), "--checkpoint", checkpoint,
+                                            "--trigger-info", trigger_info]
     masks = Cell(**_base(config, model, defense, dseed, "masks", rule=None), script="optimize_mask_cifar",
                  argv=[], stage="masks", deps=[model.id], wave=1)
     masks.argv = common + flags["optimize_mask_cifar"] + ["--output-dir", masks.directory]
@@ -68,9 +72,9 @@ def plan_anp(config: GridConfig, model: Cell, defense, dseed: int) -> list[Cell]
 def plan_rnp(config: GridConfig, model: Cell, defense, dseed: int) -> list[Cell]:
     flags = option_flags(defense.options, {"rnp_main": script_parser("rnp_main")}, f"defenses.{defense.label}",
                          config.path)["rnp_main"]
-    common = common_flags(config.common) + ["--seed", str(dseed), "--backdoor_model_path",
-                                            os.path.join(model.directory, "last_model.th"), "--trigger_info",
-                                            os.path.join(model.directory, "trigger_info.th")] + flags
+    checkpoint, trigger_info = model_files(model)
+    common = common_flags(config.common) + ["--seed", str(dseed), "--backdoor_model_path", checkpoint,
+                                            "--trigger_info", trigger_info] + flags
     cells = []
     for i, rule in enumerate(config.rules):
         cell = Cell(**_base(config, model, defense, dseed, rule.label, rule=rule.label), script="rnp_main", argv=[],
@@ -88,9 +92,9 @@ def plan_soda(config: GridConfig, model: Cell, defense, dseed: int) -> list[Cell
                          config.path)["soda_main"]
     cell = Cell(**_base(config, model, defense, dseed, "soda", rule=None), script="soda_main", argv=[],
                 stage="defense", deps=[model.id], wave=1)
-    cell.argv = common_flags(config.common) + ["--seed", str(dseed), "--checkpoint",
-                                               os.path.join(model.directory, "last_model.th"), "--trigger-info",
-                                               os.path.join(model.directory, "trigger_info.th")] + flags + \
+    checkpoint, trigger_info = model_files(model)
+    cell.argv = common_flags(config.common) + ["--seed", str(dseed), "--checkpoint", checkpoint,
+                                               "--trigger-info", trigger_info] + flags + \
         ["--output-dir", cell.directory]
     return [cell]
 

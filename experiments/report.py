@@ -25,6 +25,8 @@ CSV_COLUMNS = ("cell", "stage", "attack", "poison_type", "seed", "defense", "def
                "acc_before", "asr_before", "ra_before", "acc", "asr", "ra", "source_acc", "threshold",
                "neurons_pruned", "seconds", "code_version", "directory")
 ORACLE = "oracle"
+TABLE_HEADER = ["| defense | operating rule | n | ACC | ASR | RA | ACC min–max | ASR min–max | removed | pruned | "
+                "time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def oracle_point(metrics: dict, max_acc_drop: float) -> dict:
@@ -152,7 +154,7 @@ def _removed(config: GridConfig, records: list[dict], before_acc: dict) -> str:
     return f"{ok}/{len(records)}"
 
 
-def _stage_seconds(config: GridConfig, records: list[dict], defense: str | None, all_records: list[dict]) -> str:
+def _stage_seconds(records: list[dict], defense: str | None, all_records: list[dict]) -> str:
     """Mean seconds per stage of this row's runs: training, or the defense's mask/unlearning stages + pruning."""
     def mean_of(rs, keys):
         values = []
@@ -201,8 +203,8 @@ def _published_triple(m: dict | None) -> str:
     return " / ".join(f"{m[k]:g}" for k in ("acc", "asr", "ra") if k in (m or {})) or "–"
 
 
-def table_markdown(config: GridConfig, records: list[dict], published: list[dict]) -> str:
-    groups = group_rows(config, records)
+def table_markdown(config: GridConfig, records: list[dict], published: list[dict], groups: dict) -> str:
+    """``groups``: :func:`group_rows` of ``records``."""
     references: dict = {}
     total = sum(1 for r in records if r["stage"] != ORACLE)
     missing = sum(1 for r in records if r["status"] == "missing")
@@ -221,9 +223,8 @@ def table_markdown(config: GridConfig, records: list[dict], published: list[dict
         rows = groups[attack.label]
         models = rows[0][2]
         before_acc = {r["seed"]: r["acc"] for r in models}
-        lines += [f"## {attack.label}" + (f" ({attack.kind})" if attack.kind != attack.label else ""), "",
-                  "| defense | operating rule | n | ACC | ASR | RA | ACC min–max | ASR min–max | removed | pruned | "
-                  "time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {attack.label}" + (f" ({attack.kind})" if attack.kind != attack.label else ""), ""] + \
+            TABLE_HEADER
         oracle_lines = []
         for defense, rule, rs in rows:
             n = len(rs)
@@ -235,13 +236,12 @@ def table_markdown(config: GridConfig, records: list[dict], published: list[dict
                      _range(_stats(rs, "asr")), "–" if defense == "no defense" or not n else
                      _removed(config, rs, before_acc), "–" if pruned is None else f"{pruned['mean']:.0f}",
                      "–" if rule == ORACLE else
-                     _stage_seconds(config, rs, None if defense == "no defense" else defense, records)]
+                     _stage_seconds(rs, None if defense == "no defense" else defense, records)]
             (oracle_lines if rule == ORACLE else lines).append("| " + " | ".join(cells) + " |")
         if oracle_lines:
             lines += ["", "Oracle rows (threshold chosen on the poisoned test set, as BackdoorBench does; for "
-                          "comparison with published toolkit numbers only, never an operating point):", "",
-                      "| defense | operating rule | n | ACC | ASR | RA | ACC min–max | ASR min–max | removed | pruned | "
-                      "time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"] + oracle_lines
+                          "comparison with published toolkit numbers only, never an operating point):", ""] + \
+                TABLE_HEADER + oracle_lines
         kinds = {d.kind for d in config.defenses}
         theirs = [p for p in published if p.get("attack") == _published_attack(attack) and p.get("defense") in kinds]
         if theirs:
@@ -251,7 +251,8 @@ def table_markdown(config: GridConfig, records: list[dict], published: list[dict
                 rule = p.get("rule", "")
                 if p.get("threshold") is not None:
                     rule += f" {p['threshold']:g}"
-                ref = references.setdefault((p.get("source", "").rstrip("."), p.get("setting", "").rstrip(".")), len(references) + 1)
+                key = (p.get("source", "").rstrip("."), p.get("setting", "").rstrip("."))
+                ref = references.setdefault(key, len(references) + 1)
                 lines.append(f"| {p['defense']} | {rule} | {p.get('dataset', '')}, {p.get('arch', '')} | "
                              f"{_published_triple(p.get('before'))} | {_published_triple(p.get('after'))} | [{ref}] |")
         lines.append("")
@@ -325,12 +326,13 @@ def write_report(config: GridConfig, cells: list[Cell]) -> str:
     os.makedirs(os.path.join(config.output_dir, "plots"), exist_ok=True)
     records = collect(config, cells)
     write_csv(records, os.path.join(config.output_dir, "results.csv"))
-    text = table_markdown(config, records, load_published(config.published))
+    groups = group_rows(config, records)
+    text = table_markdown(config, records, load_published(config.published), groups)
     atomic_write_text(text + "\n", os.path.join(config.output_dir, "table.md"))
     by_attack = defaultdict(list)
     for r in records:
         by_attack[r["attack"]].append(r)
-    for attack, rows in group_rows(config, records).items():
+    for attack, rows in groups.items():
         plot_attack(config, attack, rows, os.path.join(config.output_dir, "plots", f"{attack}.png"))
         for defense in config.defenses:
             if defense.kind in PRUNING_DEFENSES:

@@ -15,6 +15,10 @@ if ! grep -q '^summary: .* 0 failed, 0 blocked' "$OUT.log"; then
 fi
 python3 - "$OUT" <<'PY'
 import csv, json, os, sys
+sys.path.insert(0, ".")
+from experiments.config import load_config
+config = load_config("configs/quickstart.yaml")  # the removal criterion of the grid's report
+max_asr, max_drop = config.removed_asr, config.removed_acc_drop
 out = sys.argv[1]
 rows = list(csv.DictReader(open(os.path.join(out, "results.csv"))))
 print("\nThe stages it ran (each in its own folder, with its output.log and metrics.json):")
@@ -26,12 +30,12 @@ print(f"\nbackdoored model: ACC {float(model['acc']):.4f}  ASR {float(model['asr
 for r in rows:
     if r["rule"] and r["stage"] != "oracle":
         acc, asr, ra, before = float(r["acc"]), float(r["asr"]), float(r["ra"]), float(r["acc_before"])
-        removed = asr <= 0.10 and acc >= before - 0.05
+        removed = asr <= max_asr and acc >= before - max_drop
         print(f"after {r['defense']} ({r['rule']} rule, threshold {r['threshold'] or 'none'}, {r['neurons_pruned']} "
               f"neurons pruned): ACC {acc:.4f}  ASR {asr:.4f}  RA {ra:.4f}")
-        why = ([f"ASR {asr:.3f} > 0.10"] if asr > 0.10 else []) + \
-            ([f"ACC lost {100 * (before - acc):.1f} points > 5"] if acc < before - 0.05 else [])
-        print("  -> backdoor removed: ASR <= 0.10 with ACC within 5 points" if removed else
+        why = ([f"ASR {asr:.3f} > {max_asr:g}"] if asr > max_asr else []) + \
+            ([f"ACC lost {100 * (before - acc):.1f} points > {100 * max_drop:g}"] if acc < before - max_drop else [])
+        print(f"  -> backdoor removed: ASR <= {max_asr:g} with ACC within {100 * max_drop:g} points" if removed else
               f"  -> NOT removed in this draw ({', '.join(why)}); the README's five-seed table of this setting "
               "says how often it is")
 print(f"\ntable: {os.path.join(out, 'table.md')}; plots: {os.path.join(out, 'plots')}")

@@ -1,6 +1,7 @@
 """Console + ``output.log`` logging and the per-run ``metrics.json``."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -71,25 +72,21 @@ def library_versions() -> dict:
             "numpy": numpy.__version__}
 
 
-_CODE_VERSION: list = []
-
-
+@functools.lru_cache(maxsize=None)
 def code_version() -> str | None:
     """The checkout's git commit (``+dirty`` with uncommitted changes), or None outside a git checkout."""
-    if not _CODE_VERSION:
-        import subprocess
+    import subprocess
 
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        try:
-            def git(*cmd):
-                return subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True, timeout=10,
-                                      check=True).stdout.strip()
-            commit = git("rev-parse", "HEAD")
-            version = commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-        except (OSError, subprocess.SubprocessError):
-            version = None
-        _CODE_VERSION.append(version)
-    return _CODE_VERSION[0]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*cmd):
+        return subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def peak_memory_mib(runtime=None) -> dict:
