@@ -38,6 +38,9 @@ def build_parser() -> ArgumentParser:
                         "recorded in trigger_info.th so the defenses augment their clean data alike")
     p.add_argument("--poison-candidates", default="non-target", choices=CANDIDATE_RULES,
                    help="non-target: rate × non-target images (ANP, default); all: rate × all images (RNP)")
+    p.add_argument("--compile", action="store_true",
+                   help="train through torch.compile (off by default: on this project's CPU it gains nothing and "
+                        "costs about 45 s of compilation; see the README's Speed section)")
     p.add_argument("--init-model", default=None,
                    help="start from these weights instead of a fresh initialisation (e.g. the released semantic "
                         "trainer's tuning run: a trained model, a few more epochs at a higher --semantic-ratio)")
@@ -121,6 +124,8 @@ def main(args) -> dict:
              if args.init_model else make_model(args.arch, spec, args.width, masked=False, runtime=runtime))
     optimizer, scheduler = sgd_with_schedule(model, args.lr, args.schedule)
     atomic_save(plain_state_dict(model), os.path.join(args.output_dir, "model_init.th"))
+    if args.compile:
+        model.compile()  # in place: the same module, parameters and state_dict keys
 
     log("Epoch \t lr \t Time \t TrainLoss \t TrainACC \t PoisonLoss \t PoisonACC \t PoisonRA \t CleanLoss \t CleanACC")
     history = []

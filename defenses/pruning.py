@@ -21,6 +21,7 @@ from .operating_point import OPERATING_POINTS, defense_accuracy_stop
 MASK_HEADER = "No \t Layer Name \t Neuron Idx \t Mask Score \n"
 PRUNING_HEADER = "No \t Layer Name \t Neuron Idx \t Mask \t PoisonLoss \t PoisonACC \t CleanLoss \t CleanACC"
 PRUNING_MODES = ("threshold", "number")
+SWEEP_EVALS = ("incremental", "plain")
 
 
 def format_mask_values(values: list[tuple[str, int, float]]) -> str:
@@ -200,7 +201,9 @@ def prune_and_report(load_original: Callable[[], torch.nn.Module], values, *, mo
                      pruning_step: float, save_threshold: float, evaluate: Callable[[torch.nn.Module], dict],
                      output_dir: str, log: Callable[[str], None], title: str = "",
                      defense_accuracy: Callable[[torch.nn.Module], float] | None = None,
-                     operating_point: str = "fixed", max_acc_drop: float = 0.05) -> dict:
+                     operating_point: str = "fixed", max_acc_drop: float = 0.05,
+                     sweep_measure: Callable[[torch.nn.Module], Callable[[torch.nn.Module], dict]] | None = None
+                     ) -> dict:
     """The whole pruning stage: sweep, ``pruning_by_<mode>.txt``, the operating point's
     ``pruned_model.th``, the curve as PNG. Returns the ``before``/``operating_point``/``rows`` metrics.
 
@@ -209,7 +212,9 @@ def prune_and_report(load_original: Callable[[], torch.nn.Module], values, *, mo
     clean data, recorded for every row as ``defense_acc``. The operating point is either the fixed
     ``save_threshold`` (``"fixed"``, 0.2 as in the papers' tables) or the rule of
     :func:`defenses.operating_point.defense_accuracy_stop` (``"defense-acc"``, which needs
-    ``defense_accuracy``). Neither looks at the poisoned test set.
+    ``defense_accuracy``). Neither looks at the poisoned test set. ``sweep_measure(model)``, when given,
+    returns the function that measures the sweep's ``model`` after each row (the same metrics as
+    ``evaluate`` and ``defense_accuracy``, computed incrementally).
     """
     from utils.checkpoint import atomic_save, plain_state_dict
 
@@ -222,11 +227,12 @@ def prune_and_report(load_original: Callable[[], torch.nn.Module], values, *, mo
         measure = lambda m: {**evaluate(m), "defense_acc": defense_accuracy(m)}  # noqa: E731
     model = load_original()
     check_mask_values_fit(model, values)
-    before = measure(model)
+    measure_row = sweep_measure(model) if sweep_measure is not None else measure
+    before = measure_row(model)
     log(PRUNING_HEADER)
     log(f"0 \t None \t None \t {before['poison_loss']:.4f} \t {before['asr']:.4f} \t "
         f"{before['clean_loss']:.4f} \t {before['clean_acc']:.4f}")
-    rows = prune_sweep(model, values, mode, pruning_max, pruning_step, measure,
+    rows = prune_sweep(model, values, mode, pruning_max, pruning_step, measure_row,
                        on_row=lambda row: log(row.line(mode)))
     write_pruning_file(rows, mode, os.path.join(output_dir, f"pruning_by_{mode}.txt"))
     if defense_accuracy is not None:

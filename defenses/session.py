@@ -20,7 +20,8 @@ import torch
 
 from models.factory import load_model
 from utils.device import Runtime, make_runtime
-from utils.evaluation import backdoor_metrics
+from utils.evaluation import backdoor_metrics, loss_and_accuracy, metrics_from_logits
+from utils.incremental import IncrementalPredictor, NotTraceable
 from utils.run_log import RunLog, run_metadata, start_run, write_metrics
 
 from .defense_data import DefenseData, defense_accuracy, prepare_defense_data
@@ -67,6 +68,30 @@ class DefenseRun:
         """Accuracy on the defender's clean data: what a defender may choose by."""
         return defense_accuracy(model, self.data, self.runtime.autocast)
 
+    def sweep_measure(self, model: torch.nn.Module) -> Callable[[torch.nn.Module], dict]:
+        """:meth:`evaluate` and :meth:`defense_accuracy` of ``model`` along a pruning sweep, computed by an
+        :class:`utils.incremental.IncrementalPredictor` (plainly with ``--sweep-eval plain`` or a model that
+        ``torch.fx`` cannot trace)."""
+        plain = lambda m: {**self.evaluate(m), "defense_acc": self.defense_accuracy(m)}  # noqa: E731
+        if getattr(self.args, "sweep_eval", "plain") == "plain":
+            return plain
+        sets = self.data.eval_sets
+        try:
+            predictor = IncrementalPredictor(
+                model, {"clean": sets.clean_images, "poison": sets.poison_images, "defense": self.data.defense_images},
+                self.data.transform.normalize, autocast=self.runtime.autocast)
+        except NotTraceable as err:
+            self.log(f"--sweep-eval incremental: cannot trace the model ({err}); evaluating every row plainly")
+            return plain
+
+        def measure(m: torch.nn.Module) -> dict:
+            if m is not model:
+                return plain(m)
+            logits = predictor.logits()
+            return {**metrics_from_logits(logits["clean"], logits["poison"], sets),
+                    "defense_acc": loss_and_accuracy(logits["defense"], self.data.defense_labels)[1]}
+        return measure
+
     def prune(self, load_original: Callable[[], torch.nn.Module], values, title: str) -> dict:
         """The pruning stage with the script's pruning flags (:func:`defenses.stage_args.add_pruning_args`)."""
         a = self.args
@@ -74,7 +99,7 @@ class DefenseRun:
                                 pruning_step=a.pruning_step, save_threshold=a.save_threshold, evaluate=self.evaluate,
                                 output_dir=self.output_dir, log=self.log, title=f"{title}, {self.data.spec.name}",
                                 defense_accuracy=self.defense_accuracy, operating_point=a.operating_point,
-                                max_acc_drop=a.max_acc_drop)
+                                max_acc_drop=a.max_acc_drop, sweep_measure=self.sweep_measure)
 
     def finish(self, metrics: dict) -> dict:
         """Write ``metrics.json`` (with the command line, versions, seed, device) and close the log."""

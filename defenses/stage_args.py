@@ -31,7 +31,7 @@ def add_pruning_args(parser, snake_case_too: bool = False) -> None:
     """The pruning stage's flags (ANP stage 3 and RNP phase 3), with the operating-point rule.
 
     RNP's original spells them in snake_case (``--pruning_by``); both spellings are accepted there."""
-    from .pruning import PRUNING_MODES
+    from .pruning import PRUNING_MODES, SWEEP_EVALS
 
     options = [
         ("pruning-by", dict(default="threshold", choices=PRUNING_MODES)),
@@ -45,6 +45,10 @@ def add_pruning_args(parser, snake_case_too: bool = False) -> None:
                                       "prune as far along the sweep as the clean defense data's accuracy stays "
                                       "within --max-acc-drop of the unpruned model's")),
         ("max-acc-drop", dict(type=float, default=0.05, help="accuracy drop allowed by --operating-point defense-acc")),
+        ("sweep-eval", dict(default="incremental", choices=SWEEP_EVALS,
+                            help="incremental: BatchNorm folded into the convolutions, activations before the first "
+                                 "changed layer kept between rows (same rows to 1e-4, faster); plain: every row "
+                                 "evaluated from the images, as the original")),
     ]
     for name, kwargs in options:
         add_flag(parser, name, snake_case_too, **kwargs)

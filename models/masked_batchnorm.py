@@ -43,6 +43,13 @@ class _MaskedBatchNorm(_BatchNorm):
     def exclude_noise(self) -> None:
         self.is_perturbed = False
 
+    def effective_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (weight, bias) the normalised input is scaled and shifted by: ``gamma * mask`` and ``beta``, or
+        ``gamma * (mask + noise)`` and ``beta * (1 + noise_bias)`` when perturbed."""
+        if self.is_perturbed:
+            return self.weight * (self.neuron_mask + self.neuron_noise), self.bias * (1.0 + self.neuron_noise_bias)
+        return self.weight * self.neuron_mask, self.bias
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         # Same momentum / batch-statistics bookkeeping as torch's own _BatchNorm.forward.
@@ -52,12 +59,7 @@ class _MaskedBatchNorm(_BatchNorm):
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or self.running_mean is None
-        if self.is_perturbed:
-            weight = self.weight * (self.neuron_mask + self.neuron_noise)
-            bias = self.bias * (1.0 + self.neuron_noise_bias)
-        else:
-            weight = self.weight * self.neuron_mask
-            bias = self.bias
+        weight, bias = self.effective_affine()
         return F.batch_norm(
             input,
             self.running_mean if not self.training or self.track_running_stats else None,

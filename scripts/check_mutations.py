@@ -38,6 +38,7 @@ RNP_E2E = ("tests/test_scripts.py::test_rnp_one_command",
            "tests/test_scripts.py::test_rnp_resume_from_an_unlearned_model_recovers_on_that_model",
            "tests/test_scripts.py::test_rnp_resume_from_a_mask_file_prunes_by_that_file")
 GOLDEN = ("tests/test_golden.py",)
+INCREMENTAL = ("tests/test_incremental.py",)
 SODA = ("tests/test_soda.py",)
 GRID = ("tests/test_reproduce.py",)
 OUTCOME = ("tests/test_scripts.py::test_anp_saved_operating_point", "tests/test_scripts.py::test_rnp_one_command")
@@ -174,6 +175,15 @@ MUTATIONS = [
     Mutation("semantic-in-held-out", "Semantic attack: listed images left in the held-out split",
              "data/attacks/semantic.py", "return torch.cat([permutation[~listed], permutation[listed]])",
              "return permutation", ("tests/test_semantic.py",)),
+    Mutation("sweep-cut-after-change", "Incremental sweep: recomputation starts at the first kept cut after the "
+             "changed layer", "utils/incremental.py", "start = max((p for p in self.cached_cuts if p <= first), "
+             "default=0)", "start = min((p for p in self.cached_cuts if p > first), default=0)", INCREMENTAL),
+    Mutation("sweep-no-refold", "Incremental sweep: a changed BatchNorm is not folded again", "utils/incremental.py",
+             "if step.fold and (first_call or changed.intersection(step.sources)):",
+             "if step.fold and first_call:", INCREMENTAL),
+    Mutation("sweep-stale-cache", "Incremental sweep: kept activations not refreshed after a recomputation",
+             "utils/incremental.py", "if i in self.cached_cuts and i > start:",
+             "if i in self.cached_cuts and i > start and c >= len(state.cache.get(i, [])):", INCREMENTAL),
 ]
 
 

@@ -16,6 +16,10 @@ def test_benchmark_prints_one_ratio_line_per_path(capsys):
     out = capsys.readouterr().out
     for name in ("sweep", "anp", "rnp", "train"):
         assert re.search(rf"^{name}: original-style [0-9.]+ s, ours [0-9.]+ s, ratio [0-9.]+$", out, flags=re.M), out
+    # Equal work: the incremental sweep's rows are the original-style rows (uniform random masks at width 4).
+    rows = re.search(r"uniform random mask values; 19 rows, largest difference from the original-style rows "
+                     r"([0-9.e+-]+)\)", out)
+    assert rows and float(rows.group(1)) < 1e-4, out
 
 
 def test_soda_benchmark_prints_one_ratio_line_per_split(capsys):

@@ -1,7 +1,11 @@
-"""The one place that decides device, seeding, autocast, channels_last and cudnn.benchmark."""
+"""The one place that decides device, seeding, autocast, channels_last, cudnn.benchmark and the host
+allocator's settings."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import random
 from dataclasses import dataclass
 
@@ -30,7 +34,11 @@ class Runtime:
 
 
 def make_runtime(name: str = "auto", amp: bool = True) -> Runtime:
-    """``auto`` takes CUDA when available. Mixed precision and channels_last only on CUDA."""
+    """``auto`` takes CUDA when available. bf16 autocast and channels_last only on CUDA: the CPU computes
+    in fp32 and NCHW, so a seeded CPU run gives the numbers it gave before. (On this project's 2-core CPU
+    channels_last makes a width-16 ResNet-18 training step 1.25x faster, but it changes the rounding, and
+    ANP's masks on a width-4 model after 60 iterations move by up to 0.6; evaluation, where the rounding
+    moves the metrics by less than 1e-4, runs channels_last everywhere: :mod:`utils.incremental`.)"""
     if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
         raise UserError(f"--device: expected auto, cpu or cuda, got {name!r}")
     if name == "auto":
@@ -41,7 +49,31 @@ def make_runtime(name: str = "auto", amp: bool = True) -> Runtime:
     on_cuda = device.type == "cuda"
     if on_cuda:
         torch.backends.cudnn.benchmark = True
+    else:
+        keep_freed_host_memory()
     return Runtime(device=device, amp=on_cuda and amp, channels_last=on_cuda)
+
+
+# glibc's malloc serves blocks above its mmap threshold with fresh pages and gives freed memory at the top of
+# the heap back to the OS beyond its trim threshold. A CPU forward or backward pass allocates activations of
+# several MB per layer, so with the defaults every step page-faults its memory in again. Serving blocks up
+# to 32 MiB (glibc's maximum) from the heap and keeping up to 1 GiB of freed memory makes a width-16
+# ResNet-18 training step 13 % faster on this project's 2-core CPU, with bitwise the same numbers.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES = 32 << 20, 1 << 30
+
+
+@functools.lru_cache(maxsize=None)
+def keep_freed_host_memory() -> bool:
+    """Set glibc's malloc to reuse freed memory instead of returning it to the OS (once per process);
+    False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD,
+                                                                                   TRIM_THRESHOLD_BYTES))
 
 
 def seed_everything(seed: int) -> None:

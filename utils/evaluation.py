@@ -24,7 +24,23 @@ def eval_batch_size(device) -> int:
 def predict(model: torch.nn.Module, images: torch.Tensor, transform: Callable, batch_size: int | None = None,
             autocast=None) -> torch.Tensor:
     """Logits (float32) of uint8 N×H×W×C ``images``; ``transform`` normalises a batch on the device.
-    ``batch_size`` None: :func:`eval_batch_size` of the images' device."""
+    ``batch_size`` None: :func:`eval_batch_size` of the images' device.
+
+    The model runs with its BatchNorms folded into the convolutions, in channels_last
+    (:func:`utils.incremental.predict_folded`; the same logits up to float rounding), or as it is where
+    ``torch.fx`` cannot trace it."""
+    from .incremental import NotTraceable, predict_folded
+
+    try:
+        return predict_folded(model, images, transform, batch_size, autocast)
+    except NotTraceable:
+        return predict_plain(model, images, transform, batch_size, autocast)
+
+
+@torch.inference_mode()
+def predict_plain(model: torch.nn.Module, images: torch.Tensor, transform: Callable, batch_size: int | None = None,
+                  autocast=None) -> torch.Tensor:
+    """:func:`predict` with the model's own forward, batch by batch (the original tools' evaluation)."""
     batch_size = batch_size or eval_batch_size(images.device)
     was_training = model.training
     model.eval()
@@ -72,8 +88,13 @@ def backdoor_metrics(model: torch.nn.Module, sets: EvalSets, transform: Callable
     """ACC and clean loss on the clean test set; ASR, RA and poison loss on the poisoned test set; with a
     ``source_class``, that class's accuracy on the clean test set too (``source_acc``)."""
     clean_logits = predict(model, sets.clean_images, transform, batch_size, autocast)
-    clean_loss, clean_acc = loss_and_accuracy(clean_logits, sets.clean_labels)
     poison_logits = predict(model, sets.poison_images, transform, batch_size, autocast)
+    return metrics_from_logits(clean_logits, poison_logits, sets)
+
+
+def metrics_from_logits(clean_logits: torch.Tensor, poison_logits: torch.Tensor, sets: EvalSets) -> dict:
+    """:func:`backdoor_metrics` from the logits of ``sets``' clean and poisoned images."""
+    clean_loss, clean_acc = loss_and_accuracy(clean_logits, sets.clean_labels)
     poison_loss, asr = loss_and_accuracy(poison_logits, sets.poison_targets)
     _, ra = loss_and_accuracy(poison_logits, sets.poison_true)
     metrics = {"clean_loss": clean_loss, "clean_acc": clean_acc, "poison_loss": poison_loss, "asr": asr, "ra": ra}
