@@ -19,7 +19,8 @@ Prints one line per path, ``NAME: original-style A s, ours B s, ratio A/B``:
 
 Images are random uint8 tensors of the dataset's shape: both sides get the same ones, and speed does not
 depend on content. Each side runs in a fresh Python process of its own (the same seeded model and
-images), after one forward and backward pass to warm up, the original-style side first. Ours runs with
+images), after one forward and backward pass to warm up, the original-style side first, ``--repeat``
+times (default 2); the fastest run counts. Ours runs with
 what ``make_runtime`` sets up for every script (on the CPU, glibc's allocator keeps freed memory:
 :func:`utils.device.keep_freed_host_memory`); the original-style side with the C library's defaults and a
 plain fp32, NCHW model, as the original tools run.
@@ -104,6 +105,11 @@ class Side:
         return (torch.randint(0, 256, (n, *self.spec.image_shape), dtype=torch.uint8, generator=generator),
                 torch.randint(0, self.spec.num_classes, (n,), generator=generator))
 
+    def time(self, fn) -> float:
+        """Seconds of ``fn``: the fastest of ``--repeat`` runs (the first run of a fresh process pays for
+        memory the later ones reuse)."""
+        return min(seconds(fn, self.device) for _ in range(self.args.repeat))
+
     def batched(self, images, labels):
         """Ours: the images resident on the device, augmented in batches there."""
         transform = BatchTransform.named("crop-flip" if self.spec.hflip else "crop", self.spec.mean, self.spec.std,
@@ -124,13 +130,13 @@ def seconds(fn, device) -> float:
 # -- sweep ----------------------------------------------------------------------------------------------------------
 def sweep_mask_values(model, mask_file: str | None):
     """(layer, neuron, value) for every BatchNorm channel: from ``mask_file`` (by default the shipped ANP masks
-    of a width-16 model, when the model has width 16), else uniform random values (every row then prunes in
-    the first layer: nothing before it can be kept)."""
+    of a width-16 model, when the model has width 16), else (or with ``uniform``) uniform random values: every
+    row then prunes in the first layer, so nothing before it can be kept (our worst case)."""
     channels = {name: module.num_features for name, module in model.named_modules()
                 if isinstance(module, torch.nn.BatchNorm2d)}
     if mask_file is None and channels.get("bn1") == 16:
         mask_file = SHIPPED_MASKS
-    if mask_file is not None:
+    if mask_file not in (None, "uniform"):
         values = read_mask_values(mask_file)
         check_mask_values_fit(model, values)
         return values, os.path.relpath(mask_file)
@@ -170,6 +176,7 @@ def original_sweep(side: Side) -> list:
     rows = []
 
     def run():
+        rows.clear()
         net = copy.deepcopy(side.plain)
         clean_loader = torch.utils.data.DataLoader(PerImageDataset(images, labels, side.spec, False), batch_size=BATCH)
         poison_loader = torch.utils.data.DataLoader(PerImageDataset(poison, targets, side.spec, False),
@@ -180,7 +187,7 @@ def original_sweep(side: Side) -> list:
                 original_prune(net, ordered[start][0], ordered[start][1])
                 start += 1
             rows.append(original_test(net, clean_loader, side.device) + original_test(net, poison_loader, side.device))
-    return [seconds(run, side.device), rows]
+    return [side.time(run), rows]
 
 
 def our_sweep(side: Side) -> list:
@@ -193,6 +200,7 @@ def our_sweep(side: Side) -> list:
     rows = []
 
     def run():
+        rows.clear()
         net = copy.deepcopy(side.plain)
         predictor = IncrementalPredictor(net, {"clean": sets.clean_images, "poison": sets.poison_images},
                                          transform.normalize, autocast=side.runtime.autocast)
@@ -202,7 +210,7 @@ def our_sweep(side: Side) -> list:
             return metrics_from_logits(logits["clean"], logits["poison"], sets)
         for r in prune_sweep(net, values, "threshold", 0.9, 0.05, measure):
             rows.append((r.metrics["clean_loss"], r.metrics["clean_acc"], r.metrics["poison_loss"], r.metrics["asr"]))
-    return [seconds(run, device), rows, source]
+    return [side.time(run), rows, source]
 
 
 # -- ANP ------------------------------------------------------------------------------------------------------------
@@ -238,14 +246,14 @@ def original_anp(side: Side) -> list:
             loss.backward()
             mask_opt.step()
             clip_masks(net)
-    return [seconds(run, side.device)]
+    return [side.time(run)]
 
 
 def our_anp(side: Side) -> list:
     transform, on_device = side.batched(*side.images(side.args.defense_images, 2))
-    return [seconds(lambda: optimize_masks(copy.deepcopy(side.masked), *on_device, transform.augment, anp_config(side),
-                                           side.runtime.autocast, generator=torch.Generator().manual_seed(0),
-                                           progress=False), side.device)]
+    return [side.time(lambda: optimize_masks(copy.deepcopy(side.masked), *on_device, transform.augment,
+                                             anp_config(side), side.runtime.autocast,
+                                             generator=torch.Generator().manual_seed(0), progress=False))]
 
 
 # -- RNP ------------------------------------------------------------------------------------------------------------
@@ -275,7 +283,7 @@ def original_rnp(side: Side) -> list:
             (config.alpha * F.cross_entropy(recovering(x), y)).backward()
             mask_opt.step()
             clip_masks(recovering)
-    return [seconds(run, device)]
+    return [side.time(run)]
 
 
 def our_rnp(side: Side) -> list:
@@ -288,7 +296,7 @@ def our_rnp(side: Side) -> list:
                 progress=False)
         recover_masks(copy.deepcopy(side.masked), *on_device, transform.augment, RNP_CONFIG, autocast, None,
                       generator, progress=False)
-    return [seconds(run, side.device)]
+    return [side.time(run)]
 
 
 # -- training -------------------------------------------------------------------------------------------------------
@@ -303,7 +311,7 @@ def original_train(side: Side) -> list:
             optimizer.zero_grad()
             F.cross_entropy(net(x), y).backward()
             optimizer.step()
-    return [seconds(run, side.device)]
+    return [side.time(run)]
 
 
 def our_train(side: Side) -> list:
@@ -318,7 +326,7 @@ def our_train(side: Side) -> list:
     if side.args.compile:  # compiled on the first batch, timed apart
         net.compile()
         compiling = [seconds(lambda: epoch(images[:BATCH], labels[:BATCH]), side.device)]
-    return [seconds(lambda: epoch(images, labels), side.device), *compiling]
+    return [side.time(lambda: epoch(images, labels)), *compiling]
 
 
 SIDES = {"sweep": (original_sweep, our_sweep), "anp": (original_anp, our_anp), "rnp": (original_rnp, our_rnp),
@@ -369,7 +377,8 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=10, help="ANP iterations")
     p.add_argument("--mask-file", default=None,
                    help="mask values for the sweep (default: the shipped width-16 ANP masks at width 16, else "
-                        "uniform random values)")
+                        "uniform random values; 'uniform': those at any width)")
+    p.add_argument("--repeat", type=int, default=2, help="runs per side; the fastest counts")
     p.add_argument("--compile", action="store_true", help="our training epoch through torch.compile")
     p.add_argument("--only", nargs="+", choices=PATHS, default=None)
     p.add_argument("--path", choices=PATHS, help=argparse.SUPPRESS)  # internal: one side of one path

@@ -12,7 +12,7 @@ def test_benchmark_prints_one_ratio_line_per_path(capsys):
     import bench_pipeline
 
     bench_pipeline.main(["--device", "cpu", "--width", "4", "--test-images", "32", "--defense-images", "32",
-                         "--train-images", "64", "--iters", "1"])
+                         "--train-images", "64", "--iters", "1", "--repeat", "1"])
     out = capsys.readouterr().out
     for name in ("sweep", "anp", "rnp", "train"):
         assert re.search(rf"^{name}: original-style [0-9.]+ s, ours [0-9.]+ s, ratio [0-9.]+$", out, flags=re.M), out
