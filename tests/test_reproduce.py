@@ -108,7 +108,7 @@ def test_defense_seeds_and_labels(tmp_path):
 
 
 def test_overrides_and_shipped_configs(tmp_path):
-    for name in ("fmnist_cpu", "anp_paper", "rnp_paper", "quickstart"):
+    for name in ("fmnist_cpu", "anp_paper", "rnp_paper", "quickstart", "attacks_cpu"):
         config = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
                              {"dataset": "fashion-mnist", "seeds": [7], "output_dir": str(tmp_path)})
         cells = plan(config)
