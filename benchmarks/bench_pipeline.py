@@ -50,7 +50,7 @@ from defenses.pruning import check_mask_values_fit, prune_sweep, read_mask_value
 from defenses.rnp import RNPConfig, recover_masks, unlearn  # noqa: E402
 from models import clip_masks, create_model, mask_parameters, noise_parameters  # noqa: E402
 from models import reset_perturbation, set_perturbation  # noqa: E402
-from utils.device import Runtime, make_runtime  # noqa: E402
+from utils.device import Runtime, make_runtime, pick_device  # noqa: E402
 from utils.evaluation import EvalSets, metrics_from_logits  # noqa: E402
 from utils.incremental import IncrementalPredictor  # noqa: E402
 from utils.training import train_epoch  # noqa: E402
@@ -338,8 +338,7 @@ def run_side(args) -> None:
     if args.side == "ours":
         runtime = make_runtime(args.device)
     else:  # the original tools: fp32, NCHW, the C library's allocator defaults
-        runtime = Runtime(torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                                       else "cpu" if args.device == "auto" else args.device), False, False)
+        runtime = Runtime(pick_device(args.device), amp=False, channels_last=False)
     spec = get_spec(args.dataset)
     torch.manual_seed(0)
     np.random.seed(0)
@@ -387,9 +386,9 @@ def main(argv=None) -> None:
     if args.side:
         run_side(args)
         return
-    runtime = make_runtime(args.device)
+    device = pick_device(args.device)
     spec = get_spec(args.dataset)
-    print(f"device {runtime.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{spec.name} ResNet-18 width {args.width}, batch {BATCH}; each side in a process of its own", flush=True)
     for path in args.only or PATHS:
         original, ours = run_path(args, argv, path, "original"), run_path(args, argv, path, "ours")

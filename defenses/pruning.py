@@ -202,7 +202,7 @@ def prune_and_report(load_original: Callable[[], torch.nn.Module], values, *, mo
                      output_dir: str, log: Callable[[str], None], title: str = "",
                      defense_accuracy: Callable[[torch.nn.Module], float] | None = None,
                      operating_point: str = "fixed", max_acc_drop: float = 0.05,
-                     sweep_measure: Callable[[torch.nn.Module], Callable[[torch.nn.Module], dict]] | None = None
+                     sweep_measure: Callable[[torch.nn.Module], Callable[[torch.nn.Module], dict] | None] | None = None
                      ) -> dict:
     """The whole pruning stage: sweep, ``pruning_by_<mode>.txt``, the operating point's
     ``pruned_model.th``, the curve as PNG. Returns the ``before``/``operating_point``/``rows`` metrics.
@@ -214,7 +214,7 @@ def prune_and_report(load_original: Callable[[], torch.nn.Module], values, *, mo
     :func:`defenses.operating_point.defense_accuracy_stop` (``"defense-acc"``, which needs
     ``defense_accuracy``). Neither looks at the poisoned test set. ``sweep_measure(model)``, when given,
     returns the function that measures the sweep's ``model`` after each row (the same metrics as
-    ``evaluate`` and ``defense_accuracy``, computed incrementally).
+    ``evaluate`` and ``defense_accuracy``, computed incrementally), or None to measure plainly.
     """
     from utils.checkpoint import atomic_save, plain_state_dict
 
@@ -227,7 +227,7 @@ def prune_and_report(load_original: Callable[[], torch.nn.Module], values, *, mo
         measure = lambda m: {**evaluate(m), "defense_acc": defense_accuracy(m)}  # noqa: E731
     model = load_original()
     check_mask_values_fit(model, values)
-    measure_row = sweep_measure(model) if sweep_measure is not None else measure
+    measure_row = (sweep_measure(model) if sweep_measure is not None else None) or measure
     before = measure_row(model)
     log(PRUNING_HEADER)
     log(f"0 \t None \t None \t {before['poison_loss']:.4f} \t {before['asr']:.4f} \t "

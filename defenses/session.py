@@ -68,13 +68,12 @@ class DefenseRun:
         """Accuracy on the defender's clean data: what a defender may choose by."""
         return defense_accuracy(model, self.data, self.runtime.autocast)
 
-    def sweep_measure(self, model: torch.nn.Module) -> Callable[[torch.nn.Module], dict]:
+    def sweep_measure(self, model: torch.nn.Module) -> Callable[[torch.nn.Module], dict] | None:
         """:meth:`evaluate` and :meth:`defense_accuracy` of ``model`` along a pruning sweep, computed by an
-        :class:`utils.incremental.IncrementalPredictor` (plainly with ``--sweep-eval plain`` or a model that
-        ``torch.fx`` cannot trace)."""
-        plain = lambda m: {**self.evaluate(m), "defense_acc": self.defense_accuracy(m)}  # noqa: E731
-        if getattr(self.args, "sweep_eval", "plain") == "plain":
-            return plain
+        :class:`utils.incremental.IncrementalPredictor`; None (evaluate plainly) with ``--sweep-eval plain``
+        or a model that ``torch.fx`` cannot trace."""
+        if self.args.sweep_eval == "plain":
+            return None
         sets = self.data.eval_sets
         try:
             predictor = IncrementalPredictor(
@@ -82,11 +81,9 @@ class DefenseRun:
                 self.data.transform.normalize, autocast=self.runtime.autocast)
         except NotTraceable as err:
             self.log(f"--sweep-eval incremental: cannot trace the model ({err}); evaluating every row plainly")
-            return plain
+            return None
 
-        def measure(m: torch.nn.Module) -> dict:
-            if m is not model:
-                return plain(m)
+        def measure(_: torch.nn.Module) -> dict:
             logits = predictor.logits()
             return {**metrics_from_logits(logits["clean"], logits["poison"], sets),
                     "defense_acc": loss_and_accuracy(logits["defense"], self.data.defense_labels)[1]}

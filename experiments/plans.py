@@ -19,7 +19,6 @@ from .cells import Cell, common_flags, option_flags, parse_cell, script_parser
 from .config import GridConfig
 
 
-
 def model_files(model: Cell) -> tuple[str, str]:
     """The stage-1 cell's checkpoint and trigger info, which every defense cell of that model reads."""
     return os.path.join(model.directory, "last_model.th"), os.path.join(model.directory, "trigger_info.th")

@@ -33,19 +33,24 @@ class Runtime:
         return model
 
 
-def make_runtime(name: str = "auto", amp: bool = True) -> Runtime:
-    """``auto`` takes CUDA when available. bf16 autocast and channels_last only on CUDA: the CPU computes
-    in fp32 and NCHW, so a seeded CPU run gives the numbers it gave before. (On this project's 2-core CPU
-    channels_last makes a width-16 ResNet-18 training step 1.25x faster, but it changes the rounding, and
-    ANP's masks on a width-4 model after 60 iterations move (one from 0.37 to 0.96); evaluation, where the
-    rounding moves the metrics by less than 1e-4, runs channels_last everywhere: :mod:`utils.incremental`.)"""
+def pick_device(name: str = "auto") -> torch.device:
+    """``--device``: ``auto`` takes CUDA when available; a one-line error for anything else unusable."""
     if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
         raise UserError(f"--device: expected auto, cpu or cuda, got {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
-    device = torch.device(name)
+    return torch.device(name)
+
+
+def make_runtime(name: str = "auto", amp: bool = True) -> Runtime:
+    """``auto`` takes CUDA when available. bf16 autocast and channels_last only on CUDA: the CPU computes
+    in fp32 and NCHW, so a seeded CPU run gives the numbers it gave before. (On this project's 2-core CPU
+    channels_last makes a width-16 ResNet-18 training step 1.25x faster, but it changes the rounding, and
+    ANP's masks on a width-4 model after 60 iterations move (one from 0.37 to 0.96); evaluation, where the
+    rounding moves the metrics by less than 1e-4, runs channels_last everywhere: :mod:`utils.incremental`.)"""
+    device = pick_device(name)
     on_cuda = device.type == "cuda"
     if on_cuda:
         torch.backends.cudnn.benchmark = True
