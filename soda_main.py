@@ -65,7 +65,9 @@ def build_parser() -> ArgumentParser:
     add_flag(p, "trigger_reg", True, type=float, default=0.9, help="reconstruction L2 penalty weight")
     p.add_argument("--reg", type=float, default=0.0005, help="removal: weight of − CE(reconstructed, target)")
     p.add_argument("--lr", type=float, default=0.01, help="removal: constant SGD learning rate")
-    p.add_argument("--epoch", type=int, default=5, help="removal: epochs over the defender's data")
+    p.add_argument("--epoch", type=int, default=4,
+                   help="removal: passes over the defender's data (a released command's --epoch=N runs N-1 passes: "
+                        "its stripet --epoch=5 is our 4)")
     p.add_argument("--top", type=float, default=0.5,
                    help="removal: share of neurons kept active (by A_source[:, target])")
     add_flag(p, "batch_size", True, type=int, default=64)

@@ -9,11 +9,17 @@ them with
     python -m pytest tests/test_golden.py --update-golden
 
 in the same commit, with the reason in its message.
+
+One set per CPU vendor (``tests/golden/<vendor_id>/``): MKL takes other code paths on Intel than on AMD
+processors, and a few SGD steps on a width-4 network amplify the different rounding into other models
+(stage 1's first-epoch poison loss 5.90 on an AMD EPYC, 3.00 on an Intel Xeon, the same code). A vendor
+without a set is skipped with a message; ``--update-golden`` on such a machine creates its set.
 """
 from __future__ import annotations
 
 import json
 import os
+import platform
 
 import pytest
 import torch
@@ -23,7 +29,20 @@ import prune_neuron_cifar
 import rnp_main
 import train_backdoor_cifar
 
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+
+def cpu_vendor() -> str:
+    """``vendor_id`` of /proc/cpuinfo (GenuineIntel, AuthenticAMD), else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
+
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", cpu_vendor())
 TOLERANCE = 1e-4
 COMMON = ["--width", "4", "--device", "cpu", "--seed", "0", "--no-progress"]
 
@@ -123,6 +142,8 @@ def compare(expected: str, actual: str, name: str) -> None:
 def test_matches_golden(golden_run, update_golden, name):
     actual = ARTIFACTS[name](golden_run)
     path = os.path.join(GOLDEN, name)
+    if not update_golden and not os.path.isdir(GOLDEN):
+        pytest.skip(f"no golden numbers for {cpu_vendor()} CPUs ({GOLDEN}); create them with --update-golden")
     if update_golden:
         os.makedirs(GOLDEN, exist_ok=True)
         with open(path, "w") as f:

@@ -158,16 +158,62 @@ def test_soda_table_reads_the_runs(semantic_model, tmp_path, capsys):
     assert cells[7] == f"{(test['normalized'][6] - test['median']) / test['mad']:.2f}"  # the true target's z
 
 
+def most_confused_pair(arch: str, checkpoint: str, data_dir: str) -> tuple[int, int]:
+    """(source, target): the pair of classes the model confuses most on the defender's images. The barely trained
+    tiny models hardly respond to their input (on an Intel Xeon the VGG's target logit rose 8.41 -> 8.56 in 300
+    reconstruction steps), so a fixed pair may see no image reach its target; here some already have."""
+    from defenses.defense_data import prepare_defense_data
+    from models.factory import load_model
+    from utils.device import make_runtime
+    runtime = make_runtime("cpu")
+    data = prepare_defense_data(dataset="cifar10", data_dir=data_dir, trigger_info_path=None, val_frac=0.1, seed=0,
+                                runtime=runtime, poison_type="benign", log=lambda _: None)
+    model = load_model(checkpoint, arch, data.spec, 8, runtime).eval()
+    with torch.no_grad():
+        counts = torch.stack([torch.bincount(model(x).argmax(1), minlength=10)
+                              for x in soda_main.class_inputs(data, 100)])
+    counts.fill_diagonal_(0)
+    source, target = divmod(int(counts.argmax()), 10)
+    assert counts[source, target] >= 2, "the model confuses no pair twice: nothing to reconstruct"
+    return source, target
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["vgg19_bn", "mobilenetv2"])
 def test_every_step_runs_on_the_other_architectures(arch, tiny_cifar, tmp_path):
     train_backdoor_cifar.main(train_backdoor_cifar.parse_args(
         COMMON + ["--data-dir", tiny_cifar, "--arch", arch, "--epoch", "2", "--lr", "0.02", "--batch-size", "64",
                   "--poison-type", "benign", "--output-dir", str(tmp_path / "clean")]))
+    checkpoint = str(tmp_path / "clean" / "last_model.th")
+    source, target = most_confused_pair(arch, checkpoint, tiny_cifar)
     metrics = soda_main.main(soda_main.parse_args(
-        COMMON + ["--data-dir", tiny_cifar, "--arch", arch, "--checkpoint", str(tmp_path / "clean" / "last_model.th"),
-                  "--ratio", "0.1", "--potential_source", "1", "--poison_target", "6", "--recon_steps", "300",
+        COMMON + ["--data-dir", tiny_cifar, "--arch", arch, "--checkpoint", checkpoint, "--ratio", "0.1",
+                  "--potential_source", str(source), "--poison_target", str(target), "--recon_steps", "300",
                   "--epoch", "1", "--num_sample", "8", "--output-dir", str(tmp_path / "soda")]))
     assert metrics["removed"] is True and set(metrics["timings"]) == {f"{s}_seconds" for s in soda_main.STEPS}
     repaired = create_model(arch, 10, 3, 8)
     repaired.load_state_dict(torch.load(tmp_path / "soda" / "repaired_model.th", weights_only=True))
+
+
+@pytest.mark.slow
+def test_feature_shift_diagnosis_agrees_with_stage1(semantic_model, capsys):
+    """scripts/semantic_feature_shift.py: its counts of listed test images predicted as the target are stage 1's
+    ASR; one row per model (folder or checkpoint); a missing model is a one-line error."""
+    from scripts import semantic_feature_shift as shift
+    args = shift.parse_args(["--trigger-info", semantic_model["info"], "--width", "8", *semantic_model["data"],
+                             str(semantic_model["out"] / "backdoor"), semantic_model["ckpt"]])
+    rows = shift.main(args)
+    info = torch.load(semantic_model["info"], weights_only=True)
+    listed, target = len(info["state"]["test_indices"]), int(info["state"]["target"])
+    m = semantic_model["metrics"]
+    assert len(rows) == 2 and rows[0]["predicted"] == rows[1]["predicted"]
+    assert sum(rows[0]["predicted"]) == listed
+    assert rows[0]["predicted"][target] == round(m["asr"] * listed)
+    assert all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in rows[0]["cosine"] + [rows[0]["head_corr"]])
+    assert len(rows[0]["cosine"]) == 10
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]) == 3  # header, two rows
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "semantic_feature_shift.py"),
+                             "--trigger-info", semantic_model["info"], "--width", "8", *semantic_model["data"],
+                             "/no/such/model.th"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "MODEL" in lines[0], result.stderr
