@@ -31,7 +31,8 @@ for r in rows:
     if r["rule"] and r["stage"] != "oracle":
         acc, asr, ra, before = float(r["acc"]), float(r["asr"]), float(r["ra"]), float(r["acc_before"])
         removed = asr <= max_asr and acc >= before - max_drop
-        print(f"after {r['defense']} ({r['rule']} rule, threshold {r['threshold'] or 'none'}, {r['neurons_pruned']} "
+        threshold = f"{float(r['threshold']):g}" if r["threshold"] not in ("", None) else "none"
+        print(f"after {r['defense']} ({r['rule']} rule, threshold {threshold}, {r['neurons_pruned']} "
               f"neurons pruned): ACC {acc:.4f}  ASR {asr:.4f}  RA {ra:.4f}")
         why = ([f"ASR {asr:.3f} > {max_asr:g}"] if asr > max_asr else []) + \
             ([f"ACC lost {100 * (before - acc):.1f} points > {100 * max_drop:g}"] if acc < before - max_drop else [])
