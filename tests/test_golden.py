@@ -10,9 +10,10 @@ them with
 
 in the same commit, with the reason in its message.
 
-One set per CPU vendor (``tests/golden/<vendor_id>/``): MKL takes other code paths on Intel than on AMD
-processors, and a few SGD steps on a width-4 network amplify the different rounding into other models
-(stage 1's first-epoch poison loss 5.90 on an AMD EPYC, 3.00 on an Intel Xeon, the same code). A vendor
+One set per CPU vendor (``tests/golden/<vendor_id>/``): the same code gives other numbers on an AMD EPYC and
+an Intel Xeon (stage 1's first-epoch poison loss 5.90 and 3.00), most likely through MKL's vendor-specific
+code paths (forcing its other branches with ``MKL_CBWR`` moves the numbers again; capping oneDNN's ISA does
+not), and a few SGD steps on a width-4 network amplify the different rounding into other models. A vendor
 without a set is skipped with a message; ``--update-golden`` on such a machine creates its set.
 """
 from __future__ import annotations
