@@ -22,8 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from defenses.defense_data import prepare_defense_data  # noqa: E402
+from defenses.soda import pearson  # noqa: E402
 from models.factory import load_model  # noqa: E402
 from models.split import head_of, split_model  # noqa: E402
+from soda_main import class_inputs  # noqa: E402
 from utils.device import make_runtime  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 
@@ -49,18 +51,12 @@ def feature_shift(model, data) -> dict:
     normalize = data.transform.normalize
     listed = split.front(normalize(data.eval_sets.poison_images)).flatten(1)
     predicted = split.back(listed).argmax(1)
-    num_classes = data.spec.num_classes
-    means = []
-    for c in range(num_classes):
-        chosen = (data.defense_labels == c).nonzero().flatten()[:SAMPLES_PER_CLASS]
-        means.append(split.front(normalize(data.defense_images[chosen])).flatten(1).mean(0))
-    cosine = torch.nn.functional.cosine_similarity(listed.mean(0, keepdim=True), torch.stack(means))
+    means = torch.stack([split.front(x).flatten(1).mean(0) for x in class_inputs(data, SAMPLES_PER_CLASS)])
+    cosine = torch.nn.functional.cosine_similarity(listed.mean(0, keepdim=True), means)
     weight = head_of(model).weight.detach().double()
-    rows = weight[[data.eval_sets.source_class, data.attack.target]]
-    rows = rows - rows.mean(1, keepdim=True)
-    head_corr = float((rows[0] @ rows[1]) / (rows[0].norm() * rows[1].norm()))
-    return {"predicted": torch.bincount(predicted, minlength=num_classes).tolist(), "cosine": cosine.tolist(),
-            "head_corr": head_corr}
+    head_corr = float(pearson(weight[data.eval_sets.source_class], weight[data.attack.target]))
+    return {"predicted": torch.bincount(predicted, minlength=data.spec.num_classes).tolist(),
+            "cosine": cosine.tolist(), "head_corr": head_corr}
 
 
 def main(args) -> list[dict]:
