@@ -6,7 +6,9 @@ One row per model folder ``NAME-sSEED`` with ``backdoor/metrics.json`` and ``sod
 ACC / ASR / source-class accuracy, what the detection said, the MAD z-score of the highest-scoring class and
 of the attack's true target (how far from flagging each was), and ACC / ASR / source-class accuracy after
 removal with the seconds per step. An optional ``soda-oracle/`` folder (removal for the attacker's pair) adds
-a row. ANP and RNP on the same folders: scripts/attack_table.py.
+a row. Below the table, what the one fixed rule did per kind of model: benign models flagged (the false-positive
+rate over seeds), semantic models flagged as exactly their attacker's pair, other attacks flagged. ANP and RNP
+on the same folders: scripts/attack_table.py.
 """
 from __future__ import annotations
 
@@ -50,7 +52,27 @@ def soda_row(name: str, stage1: dict, soda: dict, label: str = "SODA") -> str:
                        fmt(after["clean_acc"]), fmt(after["asr"]), fmt(after.get("source_acc")), seconds])
 
 
+def outcome(stage1: dict, detection: dict) -> tuple[str, bool]:
+    """(kind of model, the count that matters for it): benign -> flagged at all (a false positive); semantic ->
+    flagged as exactly its (source, target); any other attack -> flagged at all."""
+    attack = stage1.get("attack") or "benign"
+    if attack == "benign":
+        return "benign models flagged (false positives)", detection["target"] is not None
+    if attack == "semantic":
+        pair = (stage1.get("source_class"), stage1.get("poison_target"))
+        return "semantic models flagged as their attacker's pair", (detection["source"], detection["target"]) == pair
+    return "models of other attacks flagged", detection["target"] is not None
+
+
+def summary(outcomes: dict) -> list[str]:
+    """One line per kind: 'kind: k of n (the models counted)'."""
+    return [f"- {kind}: {sum(hit for _, hit in rows)} of {len(rows)} "
+            f"({', '.join(name + (' yes' if hit else ' no') for name, hit in rows)})"
+            for kind, rows in outcomes.items()]
+
+
 def main(root: str) -> None:
+    outcomes: dict[str, list] = {}
     print("| model | defense | ACC | ASR | source ACC | detected (source → target) | top class (z) | true target z "
           "| ACC after | ASR after | source ACC after | seconds (analyze/detect/gen/remove) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -62,6 +84,12 @@ def main(root: str) -> None:
             soda = load(os.path.join(root, name, folder, "metrics.json"))
             if soda is not None:
                 print("| " + soda_row(name, stage1, soda, label) + " |")
+                if folder == "soda" and soda.get("detection"):
+                    kind, hit = outcome(stage1, soda["detection"])
+                    outcomes.setdefault(kind, []).append((name, hit))
+    if outcomes:
+        print("\nThe one fixed detection rule over these models:")
+        print("\n".join(summary(outcomes)))
 
 
 if __name__ == "__main__":

@@ -148,7 +148,8 @@ def test_soda_table_reads_the_runs(semantic_model, tmp_path, capsys):
                                            "--output-dir", str(root / "semantic-s0" / "soda")]))
     capsys.readouterr()
     soda_table.main(str(root))
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| semantic-s0")]
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| semantic-s0")]
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     m = semantic_model["metrics"]
     assert len(rows) == 1 and cells[1] == "SODA"
@@ -156,6 +157,28 @@ def test_soda_table_reads_the_runs(semantic_model, tmp_path, capsys):
     detection = json.loads((root / "semantic-s0" / "soda" / "detection.json").read_text())
     test = detection["target_test"]
     assert cells[7] == f"{(test['normalized'][6] - test['median']) / test['mad']:.2f}"  # the true target's z
+    hit = (detection["source"], detection["target"]) == (1, 6)
+    assert f"- semantic models flagged as their attacker's pair: {int(hit)} of 1 (semantic-s0 {'yes' if hit else 'no'})" \
+        in out.splitlines()
+
+
+def test_soda_table_summarises_the_fixed_rule_per_kind_of_model():
+    """Benign: flagged at all is a false positive; semantic: only its own (source, target) counts; other attacks:
+    flagged at all."""
+    flagged = {"target": 2, "source": 0}
+    none = {"target": None, "source": None}
+    rows = {"benign-s0": ({"attack": "benign"}, none), "benign-s1": ({"attack": "benign"}, {"target": 1, "source": 3}),
+            "semantic-s0": ({"attack": "semantic", "source_class": 0, "poison_target": 2}, flagged),
+            "semantic-s1": ({"attack": "semantic", "source_class": 0, "poison_target": 2}, {"target": 2, "source": 6}),
+            "badnets-s0": ({"attack": "badnets", "poison_target": 0}, none)}
+    outcomes = {}
+    for name, (stage1, detection) in rows.items():
+        kind, hit = soda_table.outcome(stage1, detection)
+        outcomes.setdefault(kind, []).append((name, hit))
+    lines = soda_table.summary(outcomes)
+    assert lines == ["- benign models flagged (false positives): 1 of 2 (benign-s0 no, benign-s1 yes)",
+                     "- semantic models flagged as their attacker's pair: 1 of 2 (semantic-s0 yes, semantic-s1 no)",
+                     "- models of other attacks flagged: 0 of 1 (badnets-s0 no)"]
 
 
 def most_confused_pair(arch: str, checkpoint: str, data_dir: str) -> tuple[int, int]:
