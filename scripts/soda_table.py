@@ -64,15 +64,19 @@ def outcome(stage1: dict, detection: dict) -> tuple[str, bool]:
     return "models of other attacks flagged", detection["target"] is not None
 
 
-def summary(outcomes: dict) -> list[str]:
-    """One line per kind: 'kind: k of n (the models counted)'."""
+def summary(models: list[tuple[str, dict, dict]]) -> list[str]:
+    """(name, stage-1 metrics, detection) per model -> one line per kind: 'kind: k of n (the models counted)'."""
+    outcomes: dict[str, list] = {}
+    for name, stage1, detection in models:
+        kind, hit = outcome(stage1, detection)
+        outcomes.setdefault(kind, []).append((name, hit))
     return [f"- {kind}: {sum(hit for _, hit in rows)} of {len(rows)} "
             f"({', '.join(name + (' yes' if hit else ' no') for name, hit in rows)})"
             for kind, rows in outcomes.items()]
 
 
 def main(root: str) -> None:
-    outcomes: dict[str, list] = {}
+    detected = []
     print("| model | defense | ACC | ASR | source ACC | detected (source → target) | top class (z) | true target z "
           "| ACC after | ASR after | source ACC after | seconds (analyze/detect/gen/remove) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -85,11 +89,10 @@ def main(root: str) -> None:
             if soda is not None:
                 print("| " + soda_row(name, stage1, soda, label) + " |")
                 if folder == "soda" and soda.get("detection"):
-                    kind, hit = outcome(stage1, soda["detection"])
-                    outcomes.setdefault(kind, []).append((name, hit))
-    if outcomes:
+                    detected.append((name, stage1, soda["detection"]))
+    if detected:
         print("\nThe one fixed detection rule over these models:")
-        print("\n".join(summary(outcomes)))
+        print("\n".join(summary(detected)))
 
 
 if __name__ == "__main__":

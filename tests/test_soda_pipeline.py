@@ -171,11 +171,7 @@ def test_soda_table_summarises_the_fixed_rule_per_kind_of_model():
             "semantic-s0": ({"attack": "semantic", "source_class": 0, "poison_target": 2}, flagged),
             "semantic-s1": ({"attack": "semantic", "source_class": 0, "poison_target": 2}, {"target": 2, "source": 6}),
             "badnets-s0": ({"attack": "badnets", "poison_target": 0}, none)}
-    outcomes = {}
-    for name, (stage1, detection) in rows.items():
-        kind, hit = soda_table.outcome(stage1, detection)
-        outcomes.setdefault(kind, []).append((name, hit))
-    lines = soda_table.summary(outcomes)
+    lines = soda_table.summary([(name, stage1, detection) for name, (stage1, detection) in rows.items()])
     assert lines == ["- benign models flagged (false positives): 1 of 2 (benign-s0 no, benign-s1 yes)",
                      "- semantic models flagged as their attacker's pair: 1 of 2 (semantic-s0 yes, semantic-s1 no)",
                      "- models of other attacks flagged: 0 of 1 (badnets-s0 no)"]
