@@ -49,9 +49,10 @@ def build_parser() -> ArgumentParser:
     _flag(p, "unlearning_epochs", type=int, default=20)
     _flag(p, "recovering_epochs", type=int, default=20)
     _flag(p, "schedule", type=int, nargs="+", default=[10, 20], help="unlearning lr drops 10x at these epochs")
-    _flag(p, "stop_check", default="batch", choices=STOP_CHECKS,
-          help="when the unlearning stop rule is checked: before each batch's step (default; the model that "
-               "meets the rule is kept) or after each epoch (the paper's code)")
+    _flag(p, "stop_check", default="epoch", choices=STOP_CHECKS,
+          help="when the unlearning stop rule is checked: after each epoch on the epoch's training accuracy "
+               "(default, the paper's code) or before each batch's ascent step (a variant; the model that "
+               "meets the rule is kept)")
     _flag(p, "eval_every", type=int, default=1,
           help="evaluate on the test sets every N epochs of phases 1-2 (0: only at the end of each phase)")
     add_pruning_args(p, snake_case_too=True)

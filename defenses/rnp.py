@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import clip_masks, mask_parameters
+from defenses.anp import clip_to_unit
+from models import mask_parameters
+from utils.device import no_autotune
+from utils.training import epoch_order
 
 STOP_CHECKS = ("epoch", "batch")
 
@@ -30,7 +33,7 @@ class RNPConfig:
     unlearning_epochs: int = 20
     schedule: list = field(default_factory=lambda: [10, 20])
     clean_threshold: float = 0.20
-    stop_check: str = "batch"  # "batch" (default): after each batch; "epoch": after each epoch, as the paper
+    stop_check: str = "epoch"  # "epoch" (default): after each epoch, as the paper's code; "batch": before each step
     clip_grad_norm: float = 20.0
     recovering_lr: float = 0.2
     recovering_epochs: int = 20
@@ -46,44 +49,110 @@ class UnlearnResult:
     epoch_train_loss: float
 
 
-def _batches(num: int, batch_size: int, device, generator):
-    return torch.randperm(num, generator=generator).to(device).split(batch_size)
+class _Snapshots:
+    """Two copies of a model's parameters and buffers, written in turn (no host synchronisation): the
+    per-batch stop rule on the GPU reads a batch's verdict one step late, and then puts back the model
+    that met the rule from the copy taken before its ascent step."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.tensors = [p.data for p in model.parameters()] + list(model.buffers())
+        self.slots = [[torch.empty_like(t) for t in self.tensors] for _ in range(2)]
+
+    def save(self, slot: int) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.slots[slot], self.tensors)
+
+    def restore(self, slot: int) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.tensors, self.slots[slot])
+
+
+def _to_host(values: torch.Tensor):
+    """Start copying ``values`` to the host without waiting; returns ``read()``, which waits for them only."""
+    if values.device.type != "cuda":
+        return lambda: values.tolist()
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return lambda: (ready.synchronize(), host.tolist())[1]
 
 
 def unlearn(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, augment: Callable,
             config: RNPConfig, autocast, on_epoch: Callable[[int, float, dict], None] | None = None,
-            generator: torch.Generator | None = None, progress: bool = True) -> UnlearnResult:
-    """Maximise the clean loss of a plain model in place; stop at ``clean_threshold`` accuracy."""
+            generator: torch.Generator | None = None, progress: bool = True,
+            defer_check: bool | None = None) -> UnlearnResult:
+    """Maximise the clean loss of a plain model in place; stop at ``clean_threshold`` accuracy.
+
+    No host synchronisation per step: loss and accuracy accumulate on the device (in float64, so the sums
+    are those of Python floats), the per-epoch rule reads them once per epoch. The per-batch rule needs a
+    verdict per batch: with ``defer_check`` (default: on CUDA) batch k's verdict is read after batch k+1's
+    step has been queued, and if batch k met the rule the model is put back to its state before batch
+    k's step (:class:`_Snapshots`), i.e. exactly the model the eager check keeps.
+    """
     if config.stop_check not in STOP_CHECKS:
         raise ValueError(f"stop_check must be one of {STOP_CHECKS}")
+    per_batch = config.stop_check == "batch"
+    defer = (images.device.type == "cuda" if defer_check is None else defer_check) and per_batch
+    snapshots = _Snapshots(model) if defer else None
     optimizer = torch.optim.SGD(model.parameters(), lr=config.unlearning_lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.schedule), gamma=0.1)
     result = UnlearnResult(0, False, 1.0, 1.0, 0.0)
+    device = images.device
     for epoch in tqdm(range(1, config.unlearning_epochs + 1), desc="unlearn", leave=False, disable=not progress):
         model.train()
         lr = optimizer.param_groups[0]["lr"]
-        total_loss, correct, seen = 0.0, 0, 0
-        for idx in _batches(len(labels), config.batch_size, images.device, generator):
-            x, y = augment(images[idx]), labels[idx]
-            with autocast():
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-            batch_correct = (logits.argmax(1) == y).sum().item()
-            total_loss += loss.item() * len(y)
-            correct += batch_correct
-            seen += len(y)
-            if config.stop_check == "batch" and batch_correct / len(y) <= config.clean_threshold:
-                # The model that met the rule is the current one: keep it, skip this batch's ascent step.
-                result.stopped, result.train_acc = True, batch_correct / len(y)
-                break
-            optimizer.zero_grad(set_to_none=True)
-            (-loss).backward()
-            # Clip after the backward pass (the original clips before it, where it has no effect).
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=config.clip_grad_norm)
-            optimizer.step()
+        total_loss = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        pending = None  # deferred: (snapshot slot, its verdict's reader, its loss sum, correct, size)
+
+        def settle(entry) -> bool:
+            """Count a deferred batch; True (the model put back) if it met the rule."""
+            nonlocal total_loss, correct, seen
+            slot, read, batch_loss, batch_correct, n = entry
+            met, hits = read()
+            total_loss, correct, seen = total_loss + batch_loss, correct + batch_correct, seen + n
+            if met:
+                snapshots.restore(slot)
+                result.stopped, result.train_acc = True, hits / n
+            return bool(met)
+
+        for k, idx in enumerate(epoch_order(len(labels), config.batch_size, device, generator)):
+            with no_autotune(len(idx) != config.batch_size):
+                x, y = augment(images[idx]), labels[idx]
+                with autocast():
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y)
+                batch_loss = loss.detach().double() * len(y)
+                batch_correct = (logits.argmax(1) == y).sum()
+                if per_batch and not defer and batch_correct.item() / len(y) <= config.clean_threshold:
+                    # The model that met the rule is the current one: keep it, skip this batch's ascent step.
+                    result.stopped, result.train_acc = True, batch_correct.item() / len(y)
+                    total_loss, correct, seen = total_loss + batch_loss, correct + batch_correct, seen + len(y)
+                    break
+                if defer:
+                    met = batch_correct.double() / len(y) <= config.clean_threshold
+                    snapshots.save(k % 2)
+                    entry = (k % 2, _to_host(torch.stack([met.double(), batch_correct.double()])), batch_loss,
+                             batch_correct, len(y))
+                optimizer.zero_grad(set_to_none=True)
+                (-loss).backward()
+                # Clip after the backward pass (the original clips before it, where it has no effect).
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=config.clip_grad_norm)
+                optimizer.step()
+            if defer:
+                if pending is not None and settle(pending):
+                    pending = None
+                    break
+                pending = entry
+            else:
+                total_loss, correct, seen = total_loss + batch_loss, correct + batch_correct, seen + len(y)
+        if pending is not None:
+            settle(pending)
         result.epochs_run = epoch
-        result.epoch_train_loss, result.epoch_train_acc = total_loss / seen, correct / seen
-        if config.stop_check == "epoch":
+        result.epoch_train_loss, result.epoch_train_acc = total_loss.item() / seen, correct.item() / seen
+        if not per_batch:
             result.train_acc = result.epoch_train_acc
             result.stopped = result.epoch_train_acc <= config.clean_threshold
         if on_epoch is not None:
@@ -107,17 +176,18 @@ def recover_masks(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
         model.train()
         total_loss = torch.zeros((), device=images.device)
         correct = torch.zeros((), device=images.device, dtype=torch.long)
-        for idx in _batches(len(labels), config.batch_size, images.device, generator):
-            x, y = augment(images[idx]), labels[idx]
-            with autocast():
-                logits = model(x)
-                loss = config.alpha * F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            clip_masks(model)
-            total_loss += loss.detach().float() * len(y)
-            correct += (logits.argmax(1) == y).sum()
+        for idx in epoch_order(len(labels), config.batch_size, images.device, generator):
+            with no_autotune(len(idx) != config.batch_size):
+                x, y = augment(images[idx]), labels[idx]
+                with autocast():
+                    logits = model(x)
+                    loss = config.alpha * F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                clip_to_unit(masks)
+                total_loss += loss.detach().float() * len(y)
+                correct += (logits.argmax(1) == y).sum()
         if on_epoch is not None:
             on_epoch(epoch, config.recovering_lr,
                      {"train_loss": total_loss.item() / len(labels), "train_acc": correct.item() / len(labels)})

@@ -45,16 +45,17 @@ def test_anp_changes_only_masks_and_keeps_them_in_range(bn_mode, project):
 def test_anp_perturbation_is_not_projected_by_default(monkeypatch):
     """The original lets eps·sign(grad) take the noise up to 2·eps; --project-noise clips it."""
     import defenses.anp as anp
-    seen = {}
-    original = anp.clip_masks
+    seen, current = {}, {}
+    original = anp.clip_to_unit  # the masks' clip after the mask step: the noise as the step used it
 
-    def spy(model):
+    def spy(masks):
+        model = current["model"]
         seen["max_noise"] = max(float(m.neuron_noise.detach().abs().max()) for m in model.modules() if hasattr(m, "neuron_noise"))
-        original(model)
-    monkeypatch.setattr(anp, "clip_masks", spy)
+        original(masks)
+    monkeypatch.setattr(anp, "clip_to_unit", spy)
     images, labels, t = _data()
     for project, check in [(False, lambda v: v > 0.4 + 1e-6), (True, lambda v: v <= 0.4 + 1e-6)]:
-        model = create_model("resnet18", 4, 3, 8, masked=True)
+        model = current["model"] = create_model("resnet18", 4, 3, 8, masked=True)
         optimize_masks(model, images, labels, t.augment, ANPConfig(nb_iter=1, batch_size=16, project_noise=project),
                        RUNTIME.autocast, None, torch.Generator().manual_seed(0), progress=False)
         assert check(seen["max_noise"])

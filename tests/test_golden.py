@@ -70,6 +70,7 @@ def golden_run(tiny_cifar, tmp_path_factory):
     rnp_main.main(rnp_main.parse_args(
         data + ["--backdoor_model_path", model[1], "--trigger-info", model[3], "--ratio", "0.05", "--batch_size", "32",
                 "--unlearning_epochs", "6", "--recovering_epochs", "3", "--eval_every", "0", "--pruning-max", "0.8",
+                "--stop_check", "batch",  # the golden files were made with the per-batch rule (then the default)
                 "--log_root", str(out / "rnp"), "--output_weight", str(out / "rnp")]))
     return out
 

@@ -4,8 +4,9 @@ The replay below is written from the spec, batch by batch (same shuffling genera
 augmentation): SGD ascent with momentum and weight decay, the gradient norm clipped *after* the
 backward pass, MultiStepLR per epoch, the stop rule; recovery descends alpha·CE on the masks only and
 clips them to [0, 1]. The tests fail when clipping moves before the backward pass (it then does
-nothing), the schedule or the loss's sign or weight changes, or the per-batch stop takes another
-ascent step (or finishes the epoch) after the batch that met the rule.
+nothing), the schedule or the loss's sign or weight changes, the default stop rule is not the paper's
+per-epoch one, or either rule keeps another model than the one that met it (the per-epoch rule: the model
+at the end of that epoch; the per-batch variant: the model before the step of the batch that met it).
 """
 from __future__ import annotations
 
@@ -120,6 +121,27 @@ def test_unlearning_raises_the_clean_loss():
     assert F.cross_entropy(net.eval()(images), labels).item() > before + 0.1
 
 
+def test_the_default_stop_rule_is_the_papers_per_epoch_check():
+    import rnp_main
+
+    assert RNPConfig().stop_check == "epoch"
+    assert rnp_main.parse_args(["--backdoor_model_path", "m.th"]).stop_check == "epoch"
+    assert rnp_main.parse_args(["--backdoor_model_path", "m.th", "--stop_check", "batch"]).stop_check == "batch"
+
+
+def test_default_rule_finishes_the_epoch_that_meets_it_and_keeps_that_model():
+    images, labels = data()
+    net = trained_net()
+    # A threshold of 1.0 is met by the very first batch; the per-epoch rule still finishes epoch 1 (all its
+    # ascent steps) and stops there, keeping the model at the end of epoch 1, not the one before it.
+    config = RNPConfig(batch_size=8, unlearning_lr=0.2, unlearning_epochs=3, clean_threshold=1.0)
+    _, states, _ = replay_unlearning(net, images, labels, config, seed=1)
+    result = unlearn(net, images, labels, identity, config, AUTOCAST, generator=torch.Generator().manual_seed(1),
+                     progress=False)
+    assert result.stopped and result.epochs_run == 1 and result.train_acc == result.epoch_train_acc
+    assert_same_state(net, states[0])
+
+
 def test_batch_stop_on_the_first_batch_takes_no_step():
     images, labels = data()
     net = trained_net()
@@ -193,3 +215,24 @@ def test_recovery_descends_alpha_ce_on_the_masks_only(alpha):
     for key, value in net.named_parameters():
         if key in weights:
             assert torch.equal(value, weights[key]), key
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.9, 0.5, 0.3, -1.0])  # stop at batch 1, 9, 10, 11, never
+def test_deferred_batch_check_keeps_the_same_model_as_the_eager_check(threshold):
+    """The GPU path reads each batch's verdict one step late and puts the model back: same model, same
+    numbers as checking every batch before its step (forced here on the CPU)."""
+    images, labels = data(30)  # batches of 8, 8, 8, 6: the last one is partial
+    runs = []
+    for defer in (False, True):
+        net = trained_net()
+        config = RNPConfig(batch_size=8, unlearning_lr=0.2, unlearning_epochs=3, clean_threshold=threshold,
+                           stop_check="batch")
+        rows = []
+        result = unlearn(net, images, labels, identity, config, AUTOCAST, lambda e, lr, s: rows.append(s),
+                         torch.Generator().manual_seed(2), progress=False, defer_check=defer)
+        runs.append((net.state_dict(), result, rows))
+    (eager, r_eager, rows_eager), (deferred, r_deferred, rows_deferred) = runs
+    assert r_eager == r_deferred and rows_eager == rows_deferred
+    assert r_eager.stopped == (threshold >= 0)
+    for key, value in eager.items():
+        assert torch.equal(value, deferred[key]), key
