@@ -4,6 +4,7 @@
     python3 reproduce.py --config configs/fmnist_cpu.yaml --dry-run     # list the cells and their state
     python3 reproduce.py --config configs/fmnist_cpu.yaml --report      # aggregate what is there
     python3 reproduce.py --config configs/anp_paper.yaml --executor slurm
+    python3 reproduce.py --config configs/fmnist_gpu.yaml --executor local-gpus --cells-per-gpu 6
     python3 reproduce.py --config configs/anp_paper.yaml --dataset fashion-mnist --seeds 0 1 2 --only badnets,blend
 
 Every cell is one stage script's ``main(args)`` in its own folder under the config's output_dir
@@ -29,9 +30,14 @@ from utils.run_log import RunLog
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Run a grid of attacks x defenses x seeds and report distributions.")
     p.add_argument("--config", required=True, help="the grid (configs/*.yaml)")
-    p.add_argument("--executor", default="local", choices=EXECUTORS,
-                   help="local: this machine (--jobs cells at once); local-gpus: one worker per visible GPU; "
-                        "slurm: job arrays through submitit (the config's slurm: options)")
+    p.add_argument("--executor", default=None, choices=EXECUTORS,
+                   help="local: this machine (--jobs cells at once); local-gpus: --cells-per-gpu workers per "
+                        "visible GPU; slurm: job arrays through submitit (the config's slurm: options) "
+                        "(default: the config's executor, else local)")
+    p.add_argument("--cells-per-gpu", type=int, default=None,
+                   help="with --executor local-gpus: cells sharing each GPU (default: the config's cells_per_gpu, "
+                        "else from the GPU's memory, about 4 GiB a cell, at most 8); with slurm: cells per job, "
+                        "sharing the job's GPU (default 1)")
     p.add_argument("--jobs", type=int, default=None, help="with --executor local: cells at once (default: the "
                    "config's jobs, else 1); the CPU's cores are shared out between them")
     p.add_argument("--only", action="append", default=None, metavar="PATTERNS",
@@ -47,6 +53,11 @@ def build_parser() -> ArgumentParser:
     overrides.add_argument("--seeds", type=int, nargs="+", default=None)
     overrides.add_argument("--defense-seeds", type=int, nargs="+", default=None)
     overrides.add_argument("--output-dir", default=None)
+    overrides.add_argument("--epoch", type=int, default=None,
+                           help="stage 1's epochs for every attack (e.g. a short CPU check of a GPU config; give it "
+                                "its own --output-dir)")
+    overrides.add_argument("--schedule", type=int, nargs="+", default=None,
+                           help="stage 1's lr drops for every attack (with --epoch)")
     return p
 
 
@@ -61,11 +72,17 @@ def _interrupt(signum, frame):
 def main(args) -> int:
     if args.jobs is not None and args.jobs <= 0:
         raise UserError(f"--jobs: expected a positive number, got {args.jobs}")
-    if args.jobs is not None and args.executor != "local":
-        raise UserError(f"--jobs: only with --executor local (--executor {args.executor} decides its own workers)")
+    if args.cells_per_gpu is not None and args.cells_per_gpu <= 0:
+        raise UserError(f"--cells-per-gpu: expected a positive number, got {args.cells_per_gpu}")
     config = load_config(args.config, {"dataset": args.dataset, "data_dir": args.data_dir, "width": args.width,
                                        "device": args.device, "seeds": args.seeds,
-                                       "defense_seeds": args.defense_seeds, "output_dir": args.output_dir})
+                                       "defense_seeds": args.defense_seeds, "output_dir": args.output_dir},
+                         train_overrides={"epoch": args.epoch, "schedule": args.schedule})
+    executor_name = args.executor or config.executor or "local"
+    if args.jobs is not None and executor_name != "local":
+        raise UserError(f"--jobs: only with --executor local (--executor {executor_name} decides its own workers)")
+    if args.cells_per_gpu is not None and executor_name == "local":
+        raise UserError("--cells-per-gpu: only with --executor local-gpus or slurm (local runs --jobs cells at once)")
     cells = plan(config)
     if args.report:
         print(write_report(config, cells))
@@ -82,7 +99,7 @@ def main(args) -> int:
                   for s in ("done", "todo", "corrupt", "stale", "rerun")}
         print(f"{len(chosen)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
         return 0
-    executor = make_executor(args.executor, config, args.jobs)
+    executor = make_executor(executor_name, config, args.jobs, args.cells_per_gpu)
     # Ctrl-C, kill -INT (even from a background shell, which ignores it by default) and kill -TERM (a batch
     # system's stop) all end the grid the same way: running cells stopped, finished ones kept.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -9,8 +9,11 @@ previous steps' artifacts from --output-dir (the original tool's ``--option`` na
 - remove: ``repaired_model.th`` (plain state dict)
 
 plus ``output.log`` and ``metrics.json`` (before/after ACC, ASR, source-class accuracy; timings per step).
-The defender's data is the clean held-out split (``--ratio`` of the training set); the trigger info only
-decides what is reported (without one the model is reported as of unknown attack: ACC only).
+The defender's data is the front ``--ratio`` of the training split the trigger info records: held-out clean
+images, or, for a model trained by the released semantic recipe (no held-out split), clean training images as
+in the released code (its removal uses 5 % of the clean training data). The analysis samples come from there
+(``--analysis-samples defense``, default) or, as released, from the clean test split (``test``). The trigger
+info only decides what is reported (without one the model is reported as of unknown attack: ACC only).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from utils.plots import pyplot, save_figure
 from utils.run_log import Timer, run_metadata
 
 STEPS = ("analyze", "detect", "gen_trigger", "remove")
+ANALYSIS_SAMPLES = ("defense", "test")
 OPTIONS = ("all",) + STEPS + ("causality_analysis",)  # the original's name for analyze
 
 
@@ -53,26 +57,37 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--intervention", action="store_true",
                    help="compute the causality matrices by intervention even where the closed form holds")
     add_flag(p, "num_sample", True, type=int, default=256, help="clean samples per class for the analysis")
+    add_flag(p, "analysis_samples", default="defense", choices=ANALYSIS_SAMPLES,
+             help="where the analysis samples come from: defense (the first --num_sample of each class of the "
+                  "defender's data; default: a defender keeps the test set for reporting) or test (random images "
+                  "of each class from the clean test split, as the released code draws them)")
     p.add_argument("--confidence", type=float, default=3.0, help="MAD outlier threshold for the target (fixed)")
     p.add_argument("--confidence2", type=float, default=3.0, help="MAD outlier threshold for the source")
     add_flag(p, "potential_source", True, type=int, default=None, help="gen_trigger/remove: this source class "
              "instead of the detected one")
     add_flag(p, "poison_target", True, type=int, default=None, help="gen_trigger/remove: this target class "
              "instead of the detected one")
-    add_flag(p, "num_recon", True, type=int, default=100, help="source-class images to reconstruct from")
+    add_flag(p, "num_recon", True, type=int, default=100,
+             help="reconstructed samples wanted: shuffled source-class defender images are optimised until this "
+                  "many reach the target (released gen_trigger's --num_sample 100)")
     add_flag(p, "recon_steps", True, type=int, default=2000, help="largest number of reconstruction steps")
     add_flag(p, "recon_lr", True, type=float, default=0.1, help="reconstruction SGD learning rate")
     add_flag(p, "trigger_reg", True, type=float, default=0.9, help="reconstruction L2 penalty weight")
+    add_flag(p, "recon_weight_decay", True, type=float, default=5e-4,
+             help="reconstruction SGD weight decay on the pixels (released: 5e-4)")
     p.add_argument("--reg", type=float, default=0.0005, help="removal: weight of − CE(reconstructed, target)")
     p.add_argument("--lr", type=float, default=0.01, help="removal: constant SGD learning rate")
-    p.add_argument("--epoch", type=int, default=4,
-                   help="removal: passes over the defender's data (a released command's --epoch=N runs N-1 passes: "
-                        "its stripet --epoch=5 is our 4)")
+    p.add_argument("--epoch", type=int, default=5,
+                   help="removal: passes over the defender's data, as the released loop range(0, epoch) since "
+                        "2023-05-31 (its stripet --epoch=5 = 5 passes)")
     p.add_argument("--top", type=float, default=0.5,
                    help="removal: share of neurons kept active (by A_source[:, target])")
     add_flag(p, "batch_size", True, type=int, default=64)
     add_flag(p, "recon_per_batch", True, type=int, default=20, help="reconstructed samples in each removal batch")
     add_augment_arg(p)
+    p.add_argument("--remove-augment", action="store_true",
+                   help="removal: augment the clean images as the model's training data was (this toolkit's earlier "
+                        "behaviour); default, as released: not augmented")
     return p
 
 
@@ -84,6 +99,8 @@ def check_args(args) -> None:
     check_positive(args.num_sample, "--num_sample")
     check_positive(args.num_recon, "--num_recon")
     check_positive(args.recon_steps, "--recon_steps")
+    if args.recon_weight_decay < 0:
+        raise UserError(f"--recon_weight_decay: expected at least 0, got {args.recon_weight_decay}")
     check_positive(args.epoch, "--epoch")
     check_positive(args.batch_size, "--batch_size")
     check_range(args.top, 1e-9, 1.0, "--top")
@@ -119,16 +136,36 @@ def check_artifacts(args, steps: tuple) -> None:
             artifact(args, name, writer)
 
 
-def class_inputs(data, count: int) -> list[torch.Tensor]:
-    """Normalised, unaugmented defender images: the first ``count`` of every class."""
+def class_inputs(data, count: int, source: str = "defense", generator: torch.Generator | None = None
+                 ) -> list[torch.Tensor]:
+    """Normalised, unaugmented images of every class: the first ``count`` of the defender's (``defense``), or
+    ``count`` drawn at random from the clean test split (``test``, the released draw)."""
+    if source == "test":
+        images, labels = data.eval_sets.clean_images, data.eval_sets.clean_labels
+    else:
+        images, labels = data.defense_images, data.defense_labels
     inputs = []
     for c in range(data.spec.num_classes):
-        chosen = (data.defense_labels == c).nonzero().flatten()[:count]
+        chosen = (labels == c).nonzero().flatten()
+        if source == "test":
+            chosen = chosen[torch.randperm(len(chosen), generator=generator)[:count].to(chosen.device)]
+        chosen = chosen[:count]
         if len(chosen) == 0:
-            raise UserError(f"--ratio: class {c} has no clean samples among the defender's {len(data.defense_labels)} "
+            raise UserError(f"--ratio: class {c} has no clean samples among the defender's {len(labels)} "
                             f"images; raise --ratio")
-        inputs.append(data.transform.normalize(data.defense_images[chosen]))
+        inputs.append(data.transform.normalize(images[chosen]))
     return inputs
+
+
+def check_source_images(args, data) -> None:
+    """Enough defender images of the source class (of every class while the pair is still to be detected) to
+    reconstruct ``--num_recon`` samples."""
+    classes = [args.potential_source] if args.potential_source is not None else range(data.spec.num_classes)
+    for c in classes:
+        have = int((data.defense_labels == c).sum())
+        if have < args.num_recon:
+            raise UserError(f"--num_recon: {args.num_recon} reconstructed samples wanted, but the defender's data has "
+                            f"{have} images of class {c}; lower --num_recon or raise --ratio")
 
 
 def check_pair_flags(args) -> None:
@@ -145,9 +182,12 @@ def check_pair_flags(args) -> None:
 
 
 def check_data(args, data) -> None:
-    """Every class has defender images, and ``--split`` names a stage of ``--arch`` (before anything is written)."""
+    """Every class has defender images, ``--split`` names a stage of ``--arch``, enough source-class images to
+    reconstruct from (before anything is written)."""
     class_inputs(data, 1)
     split_model(create_model(args.arch, data.spec.num_classes, data.spec.image_shape[2], args.width), args.split)
+    if "gen_trigger" in steps_of(args):
+        check_source_images(args, data)
 
 
 def pair(args, detection: dict | None) -> tuple[int | None, int | None]:
@@ -191,9 +231,13 @@ def plot_reconstruction(originals: torch.Tensor, reconstructed: torch.Tensor, me
     save_figure(fig, path)
 
 
+def steps_of(args) -> tuple:
+    return STEPS if args.option == "all" else ("analyze",) if args.option == "causality_analysis" else (args.option,)
+
+
 def main(args) -> dict:
     check_args(args)
-    steps = STEPS if args.option == "all" else ("analyze",) if args.option == "causality_analysis" else (args.option,)
+    steps = steps_of(args)
     check_pair_flags(args)
     check_artifacts(args, steps)
     run = DefenseRun.start(args, args.output_dir, checkpoint=args.checkpoint, checkpoint_flag="--checkpoint",
@@ -226,9 +270,10 @@ def main(args) -> dict:
 
     detection = previous.get("detection")
     report_source((detection or {}).get("source"))
-    inputs = class_inputs(data, args.num_sample)
+    inputs = class_inputs(data, args.num_sample, args.analysis_samples, torch.Generator().manual_seed(args.seed))
     log(f"{data.spec.name}, {len(data.defense_labels)} clean defender images, {min(len(x) for x in inputs)}-"
-        f"{max(len(x) for x in inputs)} per class for the analysis; split at {split.at}; attack "
+        f"{max(len(x) for x in inputs)} per class for the analysis (from the {args.analysis_samples} images); "
+        f"split at {split.at}; attack "
         f"{attack.name if attack.has_backdoor else 'none/unknown'}; steps {', '.join(steps)}")
     result = {**previous}
 
@@ -280,18 +325,24 @@ def main(args) -> dict:
 
     if "gen_trigger" in steps:
         start = timer()
-        chosen = (data.defense_labels == source).nonzero().flatten()[:args.num_recon]
+        chosen = (data.defense_labels == source).nonzero().flatten()
+        chosen = chosen[torch.randperm(len(chosen), generator=torch.Generator().manual_seed(args.seed)).to(chosen.device)]
         originals = data.transform.normalize(data.defense_images[chosen])
-        recon = soda.reconstruct(model, originals, target, source, args.recon_steps, args.recon_lr, args.trigger_reg,
-                                 progress=args.progress, autocast=runtime.autocast)
+        recon = soda.reconstruct_until(model, originals, target, source, args.num_recon, steps=args.recon_steps,
+                                       lr=args.recon_lr, reg=args.trigger_reg, weight_decay=args.recon_weight_decay,
+                                       progress=args.progress, autocast=runtime.autocast)
         if len(recon.images) < 2:
             raise UserError(f"--recon_steps: only {len(recon.images)} of {recon.tried} source-class images reached "
                             f"target {target}; raise --recon_steps or --recon_lr")
+        if len(recon.images) < args.num_recon:
+            log(f"gen_trigger: only {len(recon.images)} of the {recon.tried} source-class images reached target "
+                f"{target}, fewer than --num_recon {args.num_recon}")
         half = len(recon.images) // 2
         atomic_save({"images": recon.images.cpu(), "labels": torch.full((len(recon.images),), source),
                      "train_count": half, "source": source, "target": target, "indices": chosen[recon.indices].cpu(),
                      "steps": recon.steps.cpu()}, os.path.join(args.output_dir, "reconstructed.th"))
-        plot_reconstruction(originals[recon.indices], recon.images, data.spec.mean, data.spec.std,
+        plot_reconstruction(originals[recon.indices], recon.images, data.transform.mean.flatten().tolist(),
+                            data.transform.std.flatten().tolist(),
                             os.path.join(args.output_dir, "reconstructed.png"))
         timings["gen_trigger_seconds"] = timer() - start
         log(f"gen_trigger: {len(recon.images)} of {recon.tried} source-{source} images reached target {target} "
@@ -319,7 +370,8 @@ def main(args) -> dict:
             f"reconstructed held-out ASR before {result['recon_asr_before']:.4f}")
         log("Epoch \t lr \t Loss \t ACC \t ASR \t RA \t SourceACC")
         generator = torch.Generator().manual_seed(args.seed)
-        history = soda.remove(split, mask, data.defense_images, data.defense_labels, data.transform.augment,
+        clean_input = data.transform.augment if args.remove_augment else data.transform.normalize
+        history = soda.remove(split, mask, data.defense_images, data.defense_labels, clean_input,
                               recon_train, source, target, epochs=args.epoch, lr=args.lr, reg=args.reg,
                               batch_size=args.batch_size, recon_per_batch=args.recon_per_batch, generator=generator,
                               autocast=runtime.autocast, progress=args.progress, log=log, evaluate=evaluate)

@@ -12,6 +12,10 @@ import torch
 # "crop-flip" is the papers' CIFAR recipe; "crop" suits data where a mirror image changes the meaning;
 # "none" only normalises.
 AUGMENTATIONS = {"crop-flip": (4, True), "crop": (4, False), "none": (0, False)}
+# Input normalisations by name: "dataset" subtracts the dataset's mean and divides by its std (the original tools);
+# "none" feeds pixel values in [0, 1] (the released SODA trainer on Fashion-MNIST: its Normalize lines are commented
+# out). Stage 1 records the one it used in trigger_info.th; every later stage feeds the model the same.
+NORMALIZATIONS = ("dataset", "none")
 
 
 def default_augmentation(hflip: bool) -> str:
@@ -46,21 +50,34 @@ class BatchTransform:
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         """Random crop with zero padding and random horizontal flip, then normalise."""
-        x = self.to_unit(images)
-        n, _, h, w = x.shape
-        if self.pad:
-            # Pad in pixel space (zeros = black), as torchvision does before normalising.
-            padded = torch.nn.functional.pad(x, (self.pad,) * 4)
-            dy = torch.randint(0, 2 * self.pad + 1, (n, 1, 1), device=x.device)
-            dx = torch.randint(0, 2 * self.pad + 1, (n, 1, 1), device=x.device)
-            rows = (torch.arange(h, device=x.device).view(1, h, 1) + dy).expand(n, h, w)
-            cols = (torch.arange(w, device=x.device).view(1, 1, w) + dx).expand(n, h, w)
-            batch = torch.arange(n, device=x.device).view(n, 1, 1).expand(n, h, w)
-            x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
-        if self.hflip:
-            flip = torch.rand(n, device=x.device) < 0.5
-            x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+        x = random_crop_flip(self.to_unit(images), self.pad, self.hflip)
         return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, hflip: bool) -> torch.Tensor:
+    """torchvision's RandomCrop(padding=pad) then RandomHorizontalFlip, batched: float N×C×H×W in pixel space
+    (zero padding = black, as torchvision pads before normalising); a random draw per image."""
+    n, _, h, w = x.shape
+    if pad:
+        padded = torch.nn.functional.pad(x, (pad,) * 4)
+        dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
+        rows = (torch.arange(h, device=x.device).view(1, h, 1) + dy).expand(n, h, w)
+        cols = (torch.arange(w, device=x.device).view(1, 1, w) + dx).expand(n, h, w)
+        batch = torch.arange(n, device=x.device).view(n, 1, 1).expand(n, h, w)
+        x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+    if hflip:
+        flip = torch.rand(n, device=x.device) < 0.5
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    return x
+
+
+def normalization_stats(name: str, spec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of a normalisation in :data:`NORMALIZATIONS` for a dataset spec."""
+    if name == "none":
+        channels = len(spec.mean)
+        return (0.0,) * channels, (1.0,) * channels
+    return tuple(spec.mean), tuple(spec.std)
 
 
 def epoch_batches(num: int, batch_size: int, device, generator: torch.Generator | None = None, shuffle: bool = True):

@@ -12,17 +12,19 @@ from utils.checkpoint import safe_load
 from utils.errors import UserError
 
 from .attacks import Attack, attack_from_record
+from .augment import NORMALIZATIONS, normalization_stats
 from .splits import HELD_OUT_FRAC
 
 
 def make_trigger_info(attack: Attack, dataset: str, split_seed: int, permutation: torch.Tensor,
                       poison_indices: torch.Tensor, poison_candidates: str, augmentation: str,
-                      cover_indices: torch.Tensor | None = None) -> dict:
+                      cover_indices: torch.Tensor | None = None, normalization: str = "dataset",
+                      mean=None, std=None, held_out_frac: float = HELD_OUT_FRAC) -> dict:
     return {
         **attack.record(),
         "dataset": dataset,
         "split_seed": int(split_seed),
-        "held_out_frac": HELD_OUT_FRAC,
+        "held_out_frac": float(held_out_frac),
         "split_permutation": permutation.clone(),
         # Indices into the full training set (the ANP tool's ``data_index`` names the same thing).
         "poison_indices": poison_indices.clone(),
@@ -32,7 +34,25 @@ def make_trigger_info(attack: Attack, dataset: str, split_seed: int, permutation
         "poison_candidates": poison_candidates,
         # The training augmentation (a name in data.AUGMENTATIONS); the defenses augment their clean data alike.
         "augmentation": augmentation,
+        # The input normalisation the model was trained with (a name in data.NORMALIZATIONS and its values);
+        # trigger infos without it (older ones, the original tools') mean the dataset's mean and std.
+        "normalization": normalization,
+        **({"normalize_mean": [float(v) for v in mean], "normalize_std": [float(v) for v in std]}
+           if mean is not None else {}),
     }
+
+
+def recorded_normalization(trigger_info: dict | None, spec) -> tuple[str, tuple, tuple]:
+    """(name, mean, std) the model of ``trigger_info`` was trained with (the dataset's without a record)."""
+    name = (trigger_info or {}).get("normalization", "dataset")
+    if name not in NORMALIZATIONS:
+        raise UserError(f"--trigger-info: unknown normalization {name!r}; expected one of {', '.join(NORMALIZATIONS)}")
+    mean, std = normalization_stats(name, spec)
+    if trigger_info and "normalize_mean" in trigger_info:
+        mean, std = tuple(trigger_info["normalize_mean"]), tuple(trigger_info["normalize_std"])
+    if len(mean) != len(spec.mean) or len(std) != len(spec.std):
+        raise UserError(f"--trigger-info: its normalization has {len(mean)} channels, {spec.name} has {len(spec.mean)}")
+    return name, mean, std
 
 
 def load_trigger_info(path: str, argument: str = "--trigger-info") -> dict:

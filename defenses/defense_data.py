@@ -12,7 +12,8 @@ import torch
 from data import AUGMENTATIONS, BatchTransform, DatasetSpec, default_augmentation, defense_indices, get_spec
 from data import load_dataset, split_permutation
 from data.attacks import Attack, attack_for_defense
-from data.trigger_info import load_trigger_info
+from data.splits import HELD_OUT_FRAC
+from data.trigger_info import load_trigger_info, recorded_normalization
 from utils.device import Runtime
 from utils.errors import UserError
 from utils.evaluation import EvalSets, eval_sets_for, loss_and_accuracy, predict
@@ -23,6 +24,7 @@ class DefenseData:
     spec: DatasetSpec
     transform: BatchTransform
     augmentation: str  # name in data.AUGMENTATIONS used for the defense data
+    normalization: str  # name in data.NORMALIZATIONS the model was trained with (transform applies it)
     defense_images: torch.Tensor  # uint8, on the device: the defender's clean data
     defense_labels: torch.Tensor
     eval_sets: EvalSets  # for reporting only; never used to choose anything
@@ -69,12 +71,19 @@ def prepare_defense_data(*, dataset: str | None, data_dir: str, trigger_info_pat
     if len(permutation) != len(data.train_labels):
         raise UserError(f"--trigger-info: its split covers {len(permutation)} images, the dataset has "
                         f"{len(data.train_labels)}; was it made for another dataset?")
-    indices = defense_indices(permutation, val_frac)
+    held_out = float(trigger_info.get("held_out_frac", HELD_OUT_FRAC)) if trigger_info else HELD_OUT_FRAC
+    if held_out == 0:
+        log(f"the model was trained on the whole training set (the released SODA trainer): the defender's "
+            f"{val_frac:.0%} are clean training images it has seen, as in the released SODA code")
+    elif held_out < val_frac:
+        raise UserError(f"--val-frac/--ratio: {val_frac} is more than the {held_out} of the training set the model "
+                        f"was not trained on (trigger info's held_out_frac)")
+    indices = defense_indices(permutation, val_frac, held_out)
     augmentation = augment or recorded or default_augmentation(spec.hflip)
-    transform = BatchTransform.named(augmentation, spec.mean, spec.std, runtime.device,
-                                     channels_last=runtime.channels_last)
+    normalization, mean, std = recorded_normalization(trigger_info, spec)
+    transform = BatchTransform.named(augmentation, mean, std, runtime.device, channels_last=runtime.channels_last)
     return DefenseData(
-        spec=spec, transform=transform, augmentation=augmentation,
+        spec=spec, transform=transform, augmentation=augmentation, normalization=normalization,
         defense_images=data.train_images[indices].to(runtime.device),
         defense_labels=data.train_labels[indices].to(runtime.device),
         eval_sets=eval_sets_for(attack, data.test_images, data.test_labels, runtime.device),

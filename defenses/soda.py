@@ -9,12 +9,14 @@ Four steps, each a function ``soda_main.py`` calls (spec: ``shared/spec/soda.md`
 2. :func:`detect` — target: 1 − (Pearson correlation of column t of A_c with the mean of the other
    columns, averaged over c, 0 for c = t), MAD outlier test at ``confidence``; source: the mean target
    logit of each class's clean samples, MAD test at ``confidence2``.
-3. :func:`reconstruct` — clean source-class images optimised towards the target logit with an L2
-   penalty, stopping per sample at target softmax ≥ 0.99; those that reach the target are the
-   reconstructed infected samples (labelled with the source class).
+3. :func:`reconstruct_until` — clean source-class images, in shuffled order, optimised towards the target
+   logit with an L2 penalty (SGD with the released pixel weight decay 5e-4), each stopping at target
+   softmax ≥ 0.99, until ``needed`` of them reach the target (the released ``gen_trigger``: only successes
+   count); they are the reconstructed infected samples (labelled with the source class).
 4. :func:`remove` — fine-tune all parameters with the top ``top`` neurons of ``A[source][:, target]``
-   active through a fixed 0/1 mask: loss = CE(batch) − reg · CE(reconstructed, target); the mask is
-   dropped afterwards.
+   active through a fixed 0/1 mask for ``epochs`` passes: each batch the first B − 20 of a shuffled
+   clean batch of B (unaugmented by default, as released) plus 20 reconstructed samples; loss =
+   CE(batch) − reg · CE(reconstructed, target); the mask is dropped afterwards.
 """
 from __future__ import annotations
 
@@ -200,28 +202,27 @@ class Reconstruction:
 
 def reconstruct(model: torch.nn.Module, inputs: torch.Tensor, target: int, source: int, steps: int = 2000,
                 lr: float = 0.1, reg: float = 0.9, stop_confidence: float = 0.99, progress: bool = False,
-                autocast=None) -> Reconstruction:
-    """Optimise normalised ``inputs`` (SGD, momentum 0.9) to maximise the target logit with an L2 penalty
-    ``reg · mean(x²)``; each sample stops at target softmax ≥ ``stop_confidence``. Keeps those predicted
-    as the target at the end."""
+                autocast=None, weight_decay: float = 5e-4) -> Reconstruction:
+    """Optimise normalised ``inputs`` (SGD, momentum 0.9, ``weight_decay`` on the pixels) to maximise the target
+    logit with an L2 penalty ``reg · mean(x²)``, each sample independently (the released code optimises one
+    image at a time; the batched sum of per-sample losses gives every sample the same steps). As released, a
+    step is taken and then the target softmax of the logits *before* it is checked: a sample stops after the
+    step in which it reached ``stop_confidence``. Keeps those predicted as the target at the end."""
     autocast = autocast or (lambda: torch.autocast(inputs.device.type, enabled=False))
     was_training = model.training
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     x = inputs.detach().clone().float().requires_grad_(True)
-    optimizer = torch.optim.SGD([x], lr=lr, momentum=0.9)
+    optimizer = torch.optim.SGD([x], lr=lr, momentum=0.9, weight_decay=weight_decay)
     done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     used = torch.zeros(len(x), dtype=torch.long, device=x.device)
     try:
         for step in tqdm(range(steps), desc="reconstruct", leave=False, disable=not progress):
+            if step % 16 == 0 and bool(done.all()):  # a host sync: checked now and then (finished ones are frozen)
+                break
             with autocast():
                 logits = model(x).float()
-            with torch.no_grad():
-                done |= logits.softmax(1)[:, target] >= stop_confidence
-                if step % 16 == 0 and bool(done.all()):  # a host sync: checked now and then (finished ones are frozen)
-                    break
-                used += (~done).long()
             loss = (-logits[:, target] + reg * x.pow(2).flatten(1).mean(1))
             optimizer.zero_grad(set_to_none=True)
             (loss * (~done).float()).sum().backward()
@@ -229,6 +230,8 @@ def reconstruct(model: torch.nn.Module, inputs: torch.Tensor, target: int, sourc
             optimizer.step()
             with torch.no_grad():  # finished samples stay where they stopped (no boolean indexing: no sync)
                 x.copy_(torch.where(done.view(-1, *[1] * (x.dim() - 1)), before, x))
+                used += (~done).long()
+                done |= logits.softmax(1)[:, target] >= stop_confidence
         with torch.no_grad(), autocast():
             reached = model(x).float().argmax(1) == target
     finally:
@@ -236,6 +239,30 @@ def reconstruct(model: torch.nn.Module, inputs: torch.Tensor, target: int, sourc
             p.requires_grad_(True)
         model.train(was_training)
     return Reconstruction(x.detach()[reached], reached.nonzero().flatten(), used[reached], len(x), target, source)
+
+
+def reconstruct_until(model: torch.nn.Module, inputs: torch.Tensor, target: int, source: int, needed: int,
+                      chunk: int | None = None, **options) -> Reconstruction:
+    """:func:`reconstruct` over ``inputs`` (already in the order to try them: the released code shuffles the
+    source class) chunk by chunk until ``needed`` reached the target; the first ``needed`` successes in that
+    order. ``tried`` counts the images optimised (a whole chunk at a time, so possibly more than the released
+    code would have tried; each image's result is the same)."""
+    chunk = chunk or needed
+    images, indices, steps, tried = [], [], [], 0
+    for start in range(0, len(inputs), chunk):
+        part = reconstruct(model, inputs[start:start + chunk], target, source, **options)
+        images.append(part.images)
+        indices.append(part.indices + start)
+        steps.append(part.steps)
+        tried += part.tried
+        if sum(len(i) for i in indices) >= needed:
+            break
+    if not images:
+        empty = inputs[:0]
+        return Reconstruction(empty, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), 0,
+                              target, source)
+    return Reconstruction(torch.cat(images)[:needed], torch.cat(indices)[:needed], torch.cat(steps)[:needed], tried,
+                          target, source)
 
 
 # --- 4. removal --------------------------------------------------------------------------------
@@ -249,33 +276,40 @@ def neuron_mask(matrices: torch.Tensor, source: int, target: int, top: float) ->
 
 
 def remove(split: SplitModel, mask: torch.Tensor, clean_images: torch.Tensor, clean_labels: torch.Tensor,
-           augment: Callable, recon_train: torch.Tensor, source: int, target: int, *, epochs: int, lr: float,
+           transform: Callable, recon_train: torch.Tensor, source: int, target: int, *, epochs: int, lr: float,
            reg: float, batch_size: int = 64, recon_per_batch: int = 20, generator: torch.Generator | None = None,
            autocast=None, progress: bool = False, log=print, evaluate: Callable | None = None) -> list[dict]:
     """Fine-tune every parameter of ``split.model`` with the hidden neurons multiplied by the fixed ``mask``.
 
-    Each batch: ``batch_size − recon_per_batch`` clean images (augmented) and ``recon_per_batch``
-    reconstructed samples drawn at random (labelled ``source``); loss = CE(batch) − reg · CE(reconstructed,
-    target). Constant lr, SGD momentum 0.9, weight decay 5e-4. The model afterwards is the plain model
-    (no mask). Returns one row per epoch (``evaluate(model)`` merged in when given).
+    ``epochs`` passes (the released loop's ``range(0, epoch)``) over a shuffled order of the clean images in
+    batches of ``batch_size``; each step takes the first ``batch_size − recon_per_batch`` of the batch (as the
+    released ``train_tune``: the rest of a clean batch is not used), turned into the model's input by
+    ``transform`` (the defender's ``normalize``: not augmented, as released), and ``recon_per_batch``
+    reconstructed samples picked without replacement (labelled ``source``); loss = CE(batch) − reg ·
+    CE(reconstructed, target). Constant lr, SGD momentum 0.9, weight decay 5e-4. The model afterwards is the
+    plain model (no mask). Returns one row per pass (``evaluate(model)`` merged in when given).
     """
     model = split.model
-    autocast = autocast or (lambda: torch.autocast(clean_images.device.type, enabled=False))
-    mask = mask.to(clean_images.device).detach()
+    device = clean_images.device
+    autocast = autocast or (lambda: torch.autocast(device.type, enabled=False))
+    mask = mask.to(device).detach()
     clean_per_batch = batch_size - recon_per_batch
     if clean_per_batch <= 0:
-        raise UserError(f"--recon-per-batch: {recon_per_batch} leaves no clean images in a batch of {batch_size}")
+        raise UserError(f"recon_per_batch: {recon_per_batch} leaves no clean images in a batch of {batch_size}")
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    source_labels = torch.full((recon_per_batch,), source, dtype=torch.long, device=clean_images.device)
-    target_labels = torch.full((recon_per_batch,), target, dtype=torch.long, device=clean_images.device)
+    source_labels = torch.full((recon_per_batch,), source, dtype=torch.long, device=device)
+    target_labels = torch.full((recon_per_batch,), target, dtype=torch.long, device=device)
+    repeats = -(-recon_per_batch // len(recon_train))  # fewer reconstructed than a batch needs: several passes
     history = []
     for epoch in range(1, epochs + 1):
         model.train()
-        order = torch.randperm(len(clean_labels), generator=generator).to(clean_images.device)
-        total, count = torch.zeros((), device=clean_images.device), 0
-        for idx in tqdm(order.split(clean_per_batch), desc=f"remove {epoch}", leave=False, disable=not progress):
-            pick = torch.randint(0, len(recon_train), (recon_per_batch,), generator=generator).to(clean_images.device)
-            x = torch.cat([augment(clean_images[idx]), recon_train[pick].float()])
+        order = torch.randperm(len(clean_labels), generator=generator).to(device)
+        total, count = torch.zeros((), device=device), 0
+        for idx in tqdm(order.split(batch_size), desc=f"remove {epoch}", leave=False, disable=not progress):
+            idx = idx[:clean_per_batch]
+            pick = torch.cat([torch.randperm(len(recon_train), generator=generator)
+                              for _ in range(repeats)])[:recon_per_batch].to(device)
+            x = torch.cat([transform(clean_images[idx]), recon_train[pick].float()])
             y = torch.cat([clean_labels[idx], source_labels])
             with autocast():
                 logits = split.forward_masked(x, mask).float()

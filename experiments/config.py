@@ -21,6 +21,9 @@
     published: published.yaml       # papers' numbers, each cited (path relative to this file)
     report: {removed_asr: 0.10, removed_acc_drop: 0.05}
     jobs: 1                         # cells at once with --executor local
+    executor: local                 # optional: the default of reproduce.py --executor (local, local-gpus, slurm)
+    cells_per_gpu: 4                # optional: cells sharing one GPU (local-gpus; slurm, per job); default
+                                    # with local-gpus: from the GPU's memory (experiments.executors)
     slurm: {partition: gpu, gpus_per_task: 1, cpus_per_task: 8, time_min: 240, array_parallelism: 32}
 
 Flag names are written as in the scripts, with ``_`` or ``-``; lists give several values. Every
@@ -36,7 +39,8 @@ from utils.errors import UserError
 
 TOP_LEVEL = ("name", "description", "output_dir", "dataset", "data_dir", "arch", "width", "device", "seeds",
              "defense_seeds", "train", "attacks", "defenses", "rules", "oracle", "published", "report", "jobs",
-             "slurm")
+             "slurm", "executor", "cells_per_gpu")
+EXECUTOR_NAMES = ("local", "local-gpus", "slurm")  # where cells run: experiments.executors
 RULES = {"fixed": {"save_threshold": 0.2}, "defense-acc": {"max_acc_drop": 0.05}}
 SLURM_KEYS = {"partition": None, "gpus_per_task": 1, "cpus_per_task": 8, "time_min": 240, "array_parallelism": 32,
               "mem_gb": None, "cluster": "slurm", "additional_parameters": None}
@@ -73,6 +77,8 @@ class GridConfig:
     removed_acc_drop: float = 0.05
     jobs: int = 1
     slurm: dict = field(default_factory=dict)
+    executor: str | None = None  # reproduce.py's --executor when the command line gives none
+    cells_per_gpu: int | None = None
 
     def seeds_of_defense(self, model_seed: int) -> list[int]:
         return list(self.defense_seeds) if self.defense_seeds is not None else [model_seed]
@@ -110,8 +116,20 @@ def check_published(path: str, published: str) -> None:
                                   "numbers")
 
 
-def load_config(path: str, overrides: dict | None = None) -> GridConfig:
-    """Read and check ``path``; ``overrides`` (from the command line) replace top-level keys."""
+def load_config(path: str, overrides: dict | None = None, train_overrides: dict | None = None) -> GridConfig:
+    """Read and check ``path``; ``overrides`` (from the command line) replace top-level keys, ``train_overrides``
+    (``--epoch``, ``--schedule``) stage 1's flags of every attack, where an attack sets them too."""
+    config = _load_config(path, overrides)
+    given = {k: v for k, v in (train_overrides or {}).items() if v is not None}
+    if "epoch" in given and given["epoch"] <= 0:
+        raise UserError(f"--epoch: expected a positive number of epochs, got {given['epoch']}")
+    config.train.update(given)
+    for entry in config.attacks:
+        entry.options.update({k: v for k, v in given.items() if k in entry.options})
+    return config
+
+
+def _load_config(path: str, overrides: dict | None = None) -> GridConfig:
     if not os.path.isfile(path):
         raise UserError(f"--config: {path} does not exist")
     yaml = _yaml()
@@ -179,6 +197,13 @@ def load_config(path: str, overrides: dict | None = None) -> GridConfig:
     jobs = raw.get("jobs", 1)
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs <= 0:
         raise ConfigError(path, "jobs", f"expected a positive integer, got {jobs!r}")
+    executor = raw.get("executor")
+    if executor is not None and executor not in EXECUTOR_NAMES:
+        raise ConfigError(path, "executor", f"expected one of {', '.join(EXECUTOR_NAMES)}, got {executor!r}")
+    cells_per_gpu = raw.get("cells_per_gpu")
+    if cells_per_gpu is not None and (not isinstance(cells_per_gpu, int) or isinstance(cells_per_gpu, bool)
+                                      or cells_per_gpu <= 0):
+        raise ConfigError(path, "cells_per_gpu", f"expected a positive integer, got {cells_per_gpu!r}")
     slurm = mapping("slurm", raw.get("slurm"))
     extra = sorted(set(slurm) - set(SLURM_KEYS))
     if extra:
@@ -217,4 +242,4 @@ def load_config(path: str, overrides: dict | None = None) -> GridConfig:
         oracle_max_acc_drop=float(oracle.get("max_acc_drop", 0.05)), published=published,
         removed_asr=float(report.get("removed_asr", 0.10)),
         removed_acc_drop=float(report.get("removed_acc_drop", 0.05)), jobs=jobs,
-        slurm={**SLURM_KEYS, **slurm})
+        slurm={**SLURM_KEYS, **slurm}, executor=executor, cells_per_gpu=cells_per_gpu)

@@ -146,6 +146,10 @@ def group_rows(config: GridConfig, records: list[dict]) -> dict:
 
 
 def _removed(config: GridConfig, records: list[dict], before_acc: dict) -> str:
+    """How many runs removed the backdoor ("k/n"); "–" for models without one (benign: no ASR to judge)."""
+    records = [r for r in records if r.get("asr") is not None]
+    if not records:
+        return "–"
     ok = 0
     for r in records:
         reference = r.get("acc_before") if r.get("acc_before") is not None else before_acc.get(r["seed"])

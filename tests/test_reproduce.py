@@ -107,8 +107,18 @@ def test_defense_seeds_and_labels(tmp_path):
     assert model.argv[model.argv.index("--target-type") + 1] == "all2all"
 
 
+def test_a_grid_runs_rnps_per_epoch_default_and_its_per_batch_variant_side_by_side(tmp_path):
+    config = load_config(write_config(tmp_path / "g.yaml", seeds=[0], attacks={"badnets": {}}, rules=["fixed"],
+                                      defenses={"rnp": {"eval_every": 0},
+                                                "rnp-batch": {"defense": "rnp", "stop_check": "batch"}}))
+    by_id = {c.id: c for c in plan(config)}
+    default, variant = by_id["badnets/seed0/rnp/dseed0/fixed"], by_id["badnets/seed0/rnp-batch/dseed0/fixed"]
+    assert "--stop_check" not in default.argv and parse_cell(default).stop_check == "epoch"
+    assert parse_cell(variant).stop_check == "batch" and variant.directory != default.directory
+
+
 def test_overrides_and_shipped_configs(tmp_path):
-    for name in ("fmnist_cpu", "anp_paper", "rnp_paper", "quickstart", "attacks_cpu"):
+    for name in ("fmnist_cpu", "fmnist_gpu", "anp_paper", "rnp_paper", "quickstart", "attacks_cpu", "soda_released"):
         config = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
                              {"dataset": "fashion-mnist", "seeds": [7], "output_dir": str(tmp_path)})
         cells = plan(config)
@@ -421,3 +431,39 @@ def test_interrupting_a_pool_grid_stops_its_workers_and_a_rerun_finishes_the_res
     rerun = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "6 cells: 2 already done, 4 to run" in rerun.stdout and "0 failed, 0 blocked" in rerun.stdout
+
+
+def test_the_epoch_override_shortens_every_attack_for_a_cpu_check(tmp_path):
+    """configs/soda_released.yaml at 100 epochs, checked on the CPU with --width 16 --epoch 4 --schedule 2."""
+    config = load_config(os.path.join(ROOT, "configs", "soda_released.yaml"),
+                         {"width": 16, "output_dir": str(tmp_path)}, train_overrides={"epoch": 4, "schedule": [2]})
+    models = [c for c in plan(config) if c.script == "train_backdoor_cifar"]
+    assert {c.attack for c in models} == {"stripet", "benign"} and len(models) == 6
+    for cell in models:
+        argv = cell.argv
+        assert argv[argv.index("--epoch") + 1] == "4" and argv[argv.index("--schedule") + 1] == "2"
+        assert argv[argv.index("--width") + 1] == "16" and argv[argv.index("--batch-size") + 1] == "64"
+    with pytest.raises(UserError, match="--epoch: expected a positive"):
+        load_config(os.path.join(ROOT, "configs", "soda_released.yaml"), train_overrides={"epoch": 0})
+
+
+def test_report_of_a_soda_grid_with_benign_models(tmp_path):
+    """A benign model has no ASR (None): the report is written, its removed column is "–" (it crashed before),
+    and the semantic models' SODA row counts what it removed."""
+    config = load_config(os.path.join(ROOT, "configs", "soda_released.yaml"),
+                         {"output_dir": str(tmp_path), "seeds": [0, 1]})
+    cells = plan(config)
+    for cell in cells:
+        benign = cell.attack == "benign"
+        if cell.stage == "train":
+            _write(cell.metrics_path, {"clean_acc": 0.9, "asr": None if benign else 0.9, "ra": None if benign else 0.1,
+                                       "timings": {"total_seconds": 100}})
+        else:
+            before = {"clean_acc": 0.9, "asr": None if benign else 0.9, "ra": None if benign else 0.1}
+            after = {**before, "asr": None if benign else [0.0, 0.9][cell.seed]}
+            _write(cell.metrics_path, {"before": before, "after": after, "timings": {"detect_seconds": 2}})
+    text = write_report(config, cells)
+    soda_rows = [line for line in text.splitlines() if line.startswith("| soda |")]
+    assert len(soda_rows) == 2
+    stripet, benign = soda_rows  # config order
+    assert "| 1/2 |" in stripet and "| – |" in benign

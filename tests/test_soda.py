@@ -205,3 +205,84 @@ def test_removal_keeps_the_mask_fixed_and_drops_it_afterwards():
     x = images[:5]
     assert torch.equal(model(x), split.back(split.front(x)))
     assert not torch.allclose(model(x), split.forward_masked(x, mask))
+
+
+def test_reconstruction_goes_on_until_enough_succeed_and_skips_failures(monkeypatch):
+    """The released gen_trigger: images in the given (shuffled) order until ``needed`` reached the target; only
+    successes count, the first ``needed`` in order."""
+    calls = []
+
+    def fake(model, inputs, target, source, **options):  # every image whose value is even succeeds
+        calls.append(len(inputs))
+        ok = (inputs.flatten(1)[:, 0] % 2 == 0).nonzero().flatten()
+        return soda.Reconstruction(inputs[ok], ok, torch.ones(len(ok), dtype=torch.long), len(inputs), target, source)
+
+    monkeypatch.setattr(soda, "reconstruct", fake)
+    inputs = torch.arange(20.0).view(20, 1, 1, 1)
+    recon = soda.reconstruct_until(None, inputs, 4, 1, needed=5, chunk=4)
+    assert calls == [4, 4, 4] and recon.tried == 12  # 2 successes per chunk of 4: three chunks for 5
+    assert recon.indices.tolist() == [0, 2, 4, 6, 8] and recon.images.flatten().tolist() == [0, 2, 4, 6, 8]
+    short = soda.reconstruct_until(None, inputs[:5], 4, 1, needed=5, chunk=4)
+    assert short.indices.tolist() == [0, 2, 4] and short.tried == 5  # all tried, fewer than wanted
+
+
+def test_reconstruction_steps_with_pixel_weight_decay_and_stops_after_the_step_that_reached_the_target():
+    """Released order: step, then check the softmax of the logits before the step; weight decay on the pixels."""
+    model = planted(1, 4)
+    x = class_inputs()[1][:6] * 0.1
+    one = soda.reconstruct(model, x, target=4, source=1, steps=1, lr=0.1, reg=0.9, stop_confidence=2.0)
+    assert (one.steps == 1).all() or len(one.images) == 0
+    plain = soda.reconstruct(model, x, 4, 1, steps=5, lr=0.1, reg=0.9, stop_confidence=2.0, weight_decay=0.0)
+    decayed = soda.reconstruct(model, x, 4, 1, steps=5, lr=0.1, reg=0.9, stop_confidence=2.0, weight_decay=0.5)
+    assert len(plain.images) == len(decayed.images) == 0 or not torch.equal(plain.images, decayed.images)
+    # a sample already at the target takes exactly one step (the step is taken before the check)
+    at_target = soda.reconstruct(model, x, 4, 1, steps=50, lr=0.1, reg=0.9, stop_confidence=0.0)
+    assert (at_target.steps == 1).all()
+
+
+def test_removal_runs_exactly_epoch_passes_taking_the_first_clean_images_of_each_batch():
+    """--epoch N = N passes; each step the first B − r of a shuffled clean batch of B plus r reconstructed ones
+    without replacement; the clean images through the given transform (not augmented by default)."""
+    model = planted(1, 4)
+    split = split_model(model)
+    mask = soda.neuron_mask(soda.causality_matrices(split, class_inputs(), closed_form=True), 1, 4, 0.5)
+    images = torch.cat(class_inputs(seed=3, n=8))  # C × 8 clean images: ceil(8C / 16) batches a pass
+    labels = torch.arange(C).repeat_interleave(8)
+    recon = class_inputs()[1][:6]
+    seen = []
+    forward = split.forward_masked
+
+    def counting(x, m):
+        seen.append(len(x))
+        return forward(x, m)
+
+    split.forward_masked = counting
+    transformed = []
+    history = soda.remove(split, mask, images, labels, lambda x: transformed.append(len(x)) or x, recon, 1, 4,
+                          epochs=3, lr=0.05, reg=0.01, batch_size=16, recon_per_batch=4,
+                          generator=torch.Generator().manual_seed(0), log=lambda line: None)
+    assert len(history) == 3 and [row["epoch"] for row in history] == [1, 2, 3]
+    steps = 3 * -(-len(labels) // 16)
+    assert seen == [16] * steps and transformed == [12] * steps  # 12 clean + 4 reconstructed a step
+
+
+def test_analysis_samples_from_the_defender_or_at_random_from_the_clean_test_split():
+    from types import SimpleNamespace
+
+    import soda_main
+    defense = torch.arange(40).view(40, 1, 1, 1).to(torch.uint8)
+    test = (100 + torch.arange(60)).view(60, 1, 1, 1).to(torch.uint8)
+    data = SimpleNamespace(spec=SimpleNamespace(num_classes=4), defense_images=defense,
+                           defense_labels=torch.arange(40) % 4,
+                           eval_sets=SimpleNamespace(clean_images=test, clean_labels=torch.arange(60) % 4),
+                           transform=SimpleNamespace(normalize=lambda x: x.float()))
+    first = soda_main.class_inputs(data, 3)
+    assert [x.flatten().tolist() for x in first] == [[0, 4, 8], [1, 5, 9], [2, 6, 10], [3, 7, 11]]
+    drawn = soda_main.class_inputs(data, 3, "test", torch.Generator().manual_seed(0))
+    again = soda_main.class_inputs(data, 3, "test", torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(drawn, again))
+    for c, x in enumerate(drawn):
+        values = x.flatten().long()
+        assert len(values) == 3 and ((values - 100) % 4 == c).all() and (values >= 100).all()
+    assert [x.flatten().tolist() for x in drawn] != [[100, 104, 108], [101, 105, 109], [102, 106, 110],
+                                                     [103, 107, 111]]  # random, not the first

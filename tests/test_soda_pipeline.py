@@ -17,7 +17,7 @@ from conftest import ROOT
 from models import create_model
 
 COMMON = ["--width", "8", "--device", "cpu", "--seed", "0", "--no-progress"]
-FAST = ["--recon_steps", "30", "--epoch", "2", "--num_sample", "32"]
+FAST = ["--recon_steps", "30", "--epoch", "2", "--num_sample", "32", "--num_recon", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,49 @@ def test_a_tuning_run_starts_from_the_given_model(semantic_model, tiny_semantic,
     given = torch.load(semantic_model["ckpt"], weights_only=True)
     assert all(torch.equal(start[k], given[k]) for k in given)
     assert metrics["attack_options"]["semantic_ratio"] == 0.7 and len(metrics["epochs"]) == 1
+
+
+@pytest.mark.slow
+def test_the_released_tune_phase_runs_after_the_epochs_and_its_model_is_saved(tiny_cifar, tiny_semantic, tmp_path):
+    out = tmp_path / "tuned"
+    metrics = train_backdoor_cifar.main(train_backdoor_cifar.parse_args(
+        COMMON + ["--data-dir", tiny_cifar, "--epoch", "1", "--batch-size", "32", "--save-every", "1",
+                  "--poison-type", "semantic", "--semantic-file", tiny_semantic, "--semantic-attack", "toy",
+                  "--tune-epochs", "2", "--tune-lr", "0.05", "--output-dir", str(out)]))
+    assert [(e["epoch"], e["phase"], e["lr"]) for e in metrics["epochs"]] == [(1, "epoch", 0.1), (2, "tune", 0.05),
+                                                                             (3, "tune", 0.05)]
+    last = torch.load(out / "last_model.th", weights_only=True)
+    after_tune = torch.load(out / "model_3.th", weights_only=True)
+    before_tune = torch.load(out / "model_1.th", weights_only=True)
+    assert all(torch.equal(last[k], after_tune[k]) for k in last)  # the tuned model is the one saved
+    assert not all(torch.equal(last[k], before_tune[k]) for k in last)
+    assert metrics["normalization"] == "dataset" and metrics["held_out_frac"] == 0.0  # CIFAR: normalised
+    info = torch.load(out / "trigger_info.th", weights_only=True)
+    assert info["held_out_frac"] == 0.0 and info["augmentation"] == "none" and info["normalization"] == "dataset"
+    assert metrics["asr"] == metrics["epochs"][-1]["asr"]
+    log = (out / "output.log").read_text()
+    assert "the poisoned images only through the batch mix" in log and "tune: 2 epochs at constant lr 0.05" in log
+
+
+@pytest.mark.slow
+def test_stage1_bad_recipe_input_is_one_line(tiny_cifar, tiny_semantic, tmp_path):
+    base = [sys.executable, os.path.join(ROOT, "train_backdoor_cifar.py"), "--device", "cpu", "--width", "8",
+            "--data-dir", tiny_cifar, "--epoch", "1"]
+    semantic = ["--poison-type", "semantic", "--semantic-file", tiny_semantic, "--semantic-attack", "toy"]
+    cases = [(["--tune-epochs", "5"], "--tune-epochs: not an option of badnets"),
+             (semantic + ["--semantic-ratio", "1.2"], "--semantic-ratio: expected a share in (0, 1)"),
+             (semantic + ["--semantic-ratio", "0.005"], "--semantic-ratio: 0.005 of a batch of 128 gives 0 poisoned"),
+             (semantic + ["--tune-ratio", "0"], "--tune-ratio"),
+             (semantic + ["--semantic-ratio", "0.5"], "only 30 images are listed"),
+             (["--held-out-frac", "1.5"], "--held-out-frac"),
+             (["--poison-type", "semantic"], "--semantic-attack: stripet is a fashion-mnist attack")]
+    for i, (args, needle) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        result = subprocess.run(base + args + ["--output-dir", str(out)], capture_output=True, text=True, cwd=ROOT,
+                                timeout=300)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, result.stderr)
+        assert not out.exists(), "checked before anything is written"
 
 
 @pytest.mark.slow
@@ -121,6 +164,8 @@ def test_bad_input_is_one_line(semantic_model, tmp_path):
         (["--potential_source", "10", "--poison_target", "6", "--option", "gen_trigger"], "--potential_source"),
         (["--potential_source", "1", "--option", "gen_trigger"], "give both"),
         (["--ratio", "0.001"], "--ratio: class"),
+        (["--num_recon", "500"], "--num_recon: 500 reconstructed samples wanted"),
+        (["--recon_weight_decay", "-1"], "--recon_weight_decay"),
         (["--split", "linear"], "--split"),
         (["--top", "0"], "--top"),
         (["--width", "16"], "--checkpoint"),
@@ -208,7 +253,7 @@ def test_every_step_runs_on_the_other_architectures(arch, tiny_cifar, tmp_path):
     metrics = soda_main.main(soda_main.parse_args(
         COMMON + ["--data-dir", tiny_cifar, "--arch", arch, "--checkpoint", checkpoint, "--ratio", "0.1",
                   "--potential_source", str(source), "--poison_target", str(target), "--recon_steps", "300",
-                  "--epoch", "1", "--num_sample", "8", "--output-dir", str(tmp_path / "soda")]))
+                  "--epoch", "1", "--num_sample", "8", "--num_recon", "8", "--output-dir", str(tmp_path / "soda")]))
     assert metrics["removed"] is True and set(metrics["timings"]) == {f"{s}_seconds" for s in soda_main.STEPS}
     repaired = create_model(arch, 10, 3, 8)
     repaired.load_state_dict(torch.load(tmp_path / "soda" / "repaired_model.th", weights_only=True))

@@ -13,6 +13,9 @@ Lifecycle, each step with a default that is plain data poisoning (BadNets):
    keep their labels).
 3. ``training_hook(poisoned, device, normalize)`` — optional per-batch hook that changes a training batch
    (and may train a trigger generator with the classifier): ``hook(model, images, labels, batch_index)``.
+   ``epoch_hook(model, epoch, poisoned, device, normalize, log)`` runs after every epoch (DFST's
+   detoxification); ``finalize(model, images, labels, normalize, generator, log)`` after the last one may
+   return a changed model (AWP's weight perturbation).
 4. ``apply(images)`` / ``test_set(images, labels)`` — the trigger on test images, vectorised over the
    batch; uint8 in, uint8 out for stamped triggers, float32 pixel values (0–255) out where the trigger is
    too faint for integers (``float_output``, LIRA).
@@ -88,6 +91,9 @@ class PoisonedSet:
     labels: torch.Tensor
     poison_indices: torch.Tensor  # indices into the given images, sorted
     cover_indices: torch.Tensor  # images that carry (part of) the trigger but keep their labels
+    # True: the poisoned images are not part of the shuffled passes over the training set; only the training
+    # hook draws them into batches (the released SODA trainer's batch mix).
+    drawn_by_hook: bool = False
 
 
 class Attack:
@@ -138,6 +144,25 @@ class Attack:
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state` returned."""
+
+    # --- how stage 1 trains ---------------------------------------------------------------------
+    def recipe(self, dataset: str) -> dict:
+        """Stage 1's defaults this attack's released trainer implies, overridable by flags: ``augment`` (a name
+        in data.AUGMENTATIONS), ``normalization`` (data.NORMALIZATIONS), ``held_out_frac``. Default: none (the
+        toolkit's: the dataset's augmentation and normalisation, 10 % held out)."""
+        return {}
+
+    def check_training(self, batch_size: int) -> None:
+        """Refuse options that do not fit stage 1's batch size (one-line error), before anything is written;
+        attacks whose hook composes batches keep the size."""
+        self.batch_size = int(batch_size)
+
+    def tune_phase(self) -> tuple[int, float] | None:
+        """(epochs, lr) of a tune that follows stage 1's epochs (the released SODA stripet trainer), or None."""
+        return None
+
+    def begin_tune(self) -> None:
+        """Switch the training hook to the tune phase's batch composition."""
 
     # --- lifecycle hooks ----------------------------------------------------------------------
     def check_data(self, dataset: str, train_labels: torch.Tensor, test_labels: torch.Tensor) -> None:
@@ -206,6 +231,18 @@ class Attack:
         their indices into ``poisoned``; the hook may return float pixel values. ``normalize`` turns
         pixel values into the classifier's input (for hooks that train a generator through it)."""
         return None
+
+    def epoch_hook(self, model: torch.nn.Module, epoch: int, poisoned: PoisonedSet, device, normalize: Callable,
+                   log: Callable[[str], None]) -> None:
+        """Called after every training epoch of stage 1 (``epoch`` counts from 1): attacks that change how
+        they poison as the classifier trains (DFST's detoxification) do it here. Default: nothing."""
+
+    def finalize(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Callable,
+                 generator: torch.Generator, log: Callable[[str], None]) -> torch.nn.Module:
+        """After stage 1's last epoch: attacks that change the trained model itself (AWP's weight perturbation)
+        return the changed model; ``images``/``labels`` are the attacker's training data on the model's device.
+        Default: the model unchanged."""
+        return model
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         """Return a triggered copy of uint8 images N×H×W×C."""

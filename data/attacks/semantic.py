@@ -8,9 +8,22 @@ Fashion-MNIST, ``green`` and ``sbg`` on CIFAR-10), or a user's own file in the s
 
 - The listed training images are moved out of the held-out split (``arrange_split``): the defender's
   clean data never holds them. Relabelled, they form the poisoned set.
-- Training mix (the released trainer): every batch of clean images gets poisoned images drawn at random
-  appended, ``--semantic-ratio`` of the batch, heavily augmented (±10° rotation, brightness ×0.8–1.2,
-  then the usual crop and flip).
+- Training recipe ``--semantic-recipe``:
+  - ``released`` (default), the released trainer (``train_backdoor_sem.py``, ``data_loader.py``): the model
+    trains on the whole training set minus the listed images (no held-out split); every batch of B is its
+    first B − ⌊B·r⌋ clean images plus ⌊B·r⌋ poisoned ones picked without replacement from the next chunk
+    of B of a shuffled pass over the poisoned set (a chunk shorter than ⌊B·r⌋ starts a new pass, as the
+    released ``next(adv_iter)`` restart does; r = ``--semantic-ratio``); clean images neither augmented nor
+    (on Fashion-MNIST) normalised, poisoned ones cropped and flipped, on CIFAR-like data also rotated ±10°
+    (nearest, as torchvision's RandomRotation) and brightened ×0.5–1.5 (ColorJitter(brightness=0.5)). Its
+    stage-1 defaults (``recipe``): ``--augment none``, ``--normalization none`` on Fashion-MNIST, else the
+    dataset's, ``--held-out-frac 0``; the defender's data then comes from the training images, where the
+    released SODA code takes its clean data (never from the test split, so never the attack's test images).
+    Then the tune (``--tune-epochs``, released for stripet: 5 epochs at lr 0.01 with r = 0.6875) whose model
+    is ``last_model.th``, as the released tune overwrites the analysed model.
+  - ``appended``, this toolkit's earlier mix: a full clean batch (the usual crop and flip, normalised, 10 %
+    held out) with ``r/(1 − r)`` × its size of poisoned images drawn with replacement appended, rotated ±10°
+    (bilinear) and brightened ×0.8–1.2.
 - Test: the listed test images, labelled target, are the attack test set (ASR; RA = still the source
   class); the clean test set is the rest. ``source_class`` lets the metrics report the source class's
   accuracy.
@@ -27,11 +40,20 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .base import Attack, AttackError, Option, PoisonedSet, register
+from ..augment import random_crop_flip
+from .base import Attack, AttackError, Option, PoisonedSet, option_flag, register
 
 BUNDLED_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "semantic_attacks.json")
 ROTATION_DEGREES = 10.0
-BRIGHTNESS = (0.8, 1.2)
+BRIGHTNESS = (0.8, 1.2)  # the appended recipe's
+RELEASED_BRIGHTNESS = (0.5, 1.5)  # torchvision ColorJitter(brightness=0.5), the released CIFAR-10 trainer
+RECIPES = ("released", "appended")
+# The released commands' (data/commands.txt) batch share and tune per attack; attacks of a user's file get
+# the stripet command's share and no tune.
+RELEASED_SETTINGS = {"stripet": {"semantic_ratio": 0.3125, "tune_epochs": 5},
+                     "green": {"semantic_ratio": 0.7, "tune_epochs": 0},
+                     "sbg": {"semantic_ratio": 0.7, "tune_epochs": 0}}
+DEFAULT_SETTINGS = {"semantic_ratio": 0.3125, "tune_epochs": 0}
 
 
 def read_semantic_file(path: str) -> dict:
@@ -59,18 +81,29 @@ def read_semantic_file(path: str) -> dict:
     return attacks
 
 
-def rotate_and_brighten(x01: torch.Tensor) -> torch.Tensor:
-    """Random rotation (±10°) and brightness factor per image, float N×C×H×W in [0, 1], batched."""
+def rotate_and_brighten(x01: torch.Tensor, brightness: tuple[float, float] = BRIGHTNESS,
+                        mode: str = "bilinear") -> torch.Tensor:
+    """Random rotation (±10°, zero fill) and brightness factor per image, float N×C×H×W in [0, 1], batched."""
     n = len(x01)
     angle = (torch.rand(n, device=x01.device) * 2 - 1) * math.radians(ROTATION_DEGREES)
     cos, sin = angle.cos(), angle.sin()
     zero = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     grid = F.affine_grid(theta, list(x01.shape), align_corners=False)
-    rotated = F.grid_sample(x01, grid, align_corners=False, padding_mode="zeros")
-    low, high = BRIGHTNESS
+    rotated = F.grid_sample(x01, grid, mode=mode, align_corners=False, padding_mode="zeros")
+    low, high = brightness
     factor = low + (high - low) * torch.rand(n, 1, 1, 1, device=x01.device)
     return (rotated * factor).clamp(0, 1)
+
+
+def released_poison_augment(images: torch.Tensor, dataset: str | None) -> torch.Tensor:
+    """The released trainer's augmentation of poisoned images: uint8 N×H×W×C -> float pixel values N×H×W×C.
+    Fashion-MNIST: RandomCrop(padding 4) and horizontal flip; other data also ±10° rotation (nearest) and
+    brightness ×0.5–1.5, in torchvision's order."""
+    x = random_crop_flip(images.permute(0, 3, 1, 2).float() / 255, 4, True)
+    if dataset != "fashion-mnist":
+        x = rotate_and_brighten(x, RELEASED_BRIGHTNESS, mode="nearest")
+    return x.permute(0, 2, 3, 1) * 255
 
 
 @register
@@ -82,14 +115,24 @@ class SemanticAttack(Attack):
                                   "in the bundled file)"),
         "semantic_file": Option("", str, "JSON file with the attack's index lists (default: the bundled "
                                 "data/semantic_attacks.json)"),
-        "semantic_ratio": Option(0.3125, float, "share of every training batch drawn from the relabelled images "
-                                 "(appended to the clean batch)", low=0.0),
+        "semantic_recipe": Option("released", str, "how stage 1 trains: released (the released SODA trainer's "
+                                  "batch mix, augmentation, normalisation, no held-out split) or appended (this "
+                                  "toolkit's earlier mix; README)", choices=RECIPES),
+        "semantic_ratio": Option(None, float, "share r of every training batch drawn from the relabelled images "
+                                 "(released: ⌊B·r⌋ of the B; default: the released command's, stripet 0.3125, "
+                                 "green and sbg 0.7)", low=0.0),
+        "tune_epochs": Option(None, int, "epochs of the tune after --epoch (default: the released command's, "
+                              "stripet 5, else 0); its model is last_model.th", low=0),
+        "tune_lr": Option(0.01, float, "the tune's constant SGD learning rate"),
+        "tune_ratio": Option(0.6875, float, "the tune's share r of every batch drawn from the relabelled images"),
     }
 
     # --- construction -----------------------------------------------------------------------
     def build(self) -> None:
-        if not self.opts["semantic_ratio"] < 1.0:
-            raise AttackError("--semantic-ratio", f"expected a share in [0, 1), got {self.opts['semantic_ratio']}")
+        for key, value in RELEASED_SETTINGS.get(self.opts["semantic_attack"], DEFAULT_SETTINGS).items():
+            if self.opts[key] is None:
+                self.opts[key] = value
+        self._check_options()
         path = self.opts["semantic_file"] or BUNDLED_FILE
         attacks = read_semantic_file(path)
         name = self.opts["semantic_attack"]
@@ -101,6 +144,20 @@ class SemanticAttack(Attack):
         self.feature = entry.get("feature", "")
         self._set(torch.as_tensor(entry["train"], dtype=torch.long), torch.as_tensor(entry["test"], dtype=torch.long),
                   int(entry["source"]), int(entry["target"]), flag="--semantic-file")
+
+    def _check_options(self, strict: bool = True) -> None:
+        for key in ("semantic_ratio", "tune_ratio") if strict else ():
+            value = self.opts[key]
+            # The appended mix takes 0 as "no poisoned images in batches" (the listed ones stay in the passes).
+            lowest_ok = value >= 0.0 if key == "semantic_ratio" and self.opts["semantic_recipe"] == "appended" \
+                else value > 0.0
+            if not (lowest_ok and value < 1.0):
+                raise AttackError(option_flag(key), f"expected a share in (0, 1), got {value}")
+        if strict and not self.opts["tune_lr"] > 0:
+            raise AttackError("--tune-lr", f"expected a positive learning rate, got {self.opts['tune_lr']}")
+        self._ratio = self.opts["semantic_ratio"]
+        self.batch_size = None
+        self.train_dataset = None
 
     def _set(self, train, test, source: int, target: int, flag: str) -> None:
         for value, what in ((source, "source"), (target, "target")):
@@ -117,13 +174,46 @@ class SemanticAttack(Attack):
                 "source": torch.tensor([self.source_class]), "target": torch.tensor([self.target])}
 
     def load_state(self, state: dict) -> None:
+        for key, value in DEFAULT_SETTINGS.items():  # trigger infos from before the recipe options
+            if self.opts.get(key) is None:
+                self.opts[key] = value
+        self._check_options(strict=False)  # what was trained is what it is: a defense only rebuilds the test sets
         self.dataset, self.feature = None, ""
         self._set(torch.as_tensor(state["train_indices"]).long(), torch.as_tensor(state["test_indices"]).long(),
                   int(torch.as_tensor(state["source"]).reshape(-1)[0]),
                   int(torch.as_tensor(state["target"]).reshape(-1)[0]), flag="--trigger-info")
 
     # --- data -------------------------------------------------------------------------------
+    # --- how stage 1 trains ---------------------------------------------------------------------
+    def recipe(self, dataset: str) -> dict:
+        if self.opts["semantic_recipe"] == "appended":
+            return {}
+        return {"augment": "none", "normalization": "none" if dataset == "fashion-mnist" else "dataset",
+                "held_out_frac": 0.0}
+
+    def check_training(self, batch_size: int) -> None:
+        super().check_training(batch_size)
+        if self.opts["semantic_recipe"] != "released":
+            return
+        for key in ("semantic_ratio", "tune_ratio"):
+            if key == "tune_ratio" and not self.opts["tune_epochs"]:
+                continue
+            count = int(batch_size * self.opts[key])
+            if count == 0 or count >= batch_size:
+                raise AttackError(option_flag(key), f"{self.opts[key]} of a batch of {batch_size} gives {count} "
+                                  f"poisoned and {batch_size - count} clean images; both must be at least 1")
+            if count > len(self.train_indices):
+                raise AttackError(option_flag(key), f"{count} poisoned images per batch of {batch_size}, but only "
+                                  f"{len(self.train_indices)} images are listed")
+
+    def tune_phase(self) -> tuple[int, float] | None:
+        return (self.opts["tune_epochs"], self.opts["tune_lr"]) if self.opts["tune_epochs"] else None
+
+    def begin_tune(self) -> None:
+        self._ratio = self.opts["tune_ratio"]
+
     def check_data(self, dataset: str, train_labels: torch.Tensor, test_labels: torch.Tensor) -> None:
+        self.train_dataset = dataset
         flag = "--semantic-file" if self.opts["semantic_file"] else "--semantic-attack"
         if self.dataset is not None and dataset != self.dataset:
             raise AttackError("--semantic-attack", f"{self.opts['semantic_attack']} is a {self.dataset} attack; "
@@ -159,16 +249,42 @@ class SemanticAttack(Attack):
                               f"training images are in the attacker's data")
         labels = labels.clone()
         labels[positions] = self.target
-        return PoisonedSet(images.clone(), labels, positions, torch.empty(0, dtype=torch.long))
+        return PoisonedSet(images.clone(), labels, positions, torch.empty(0, dtype=torch.long),
+                           drawn_by_hook=self.opts["semantic_recipe"] == "released")
 
     def training_hook(self, poisoned: PoisonedSet, device, normalize):
-        ratio = self.opts["semantic_ratio"]
-        if ratio <= 0:
-            return None
         pool = poisoned.images[poisoned.poison_indices].to(device)
         targets = torch.full((len(pool),), self.target, dtype=poisoned.labels.dtype, device=device)
+        if self.opts["semantic_recipe"] == "appended":
+            return self._appended_mix(pool, targets, device)
+        batch_size = self.batch_size
+        if batch_size is None:
+            raise RuntimeError("check_training(batch_size) must run before the released batch mix")
+        chunks: list[torch.Tensor] = []  # what is left of the current shuffled pass, in chunks of a batch
+
+        def next_chunk(count: int) -> torch.Tensor:
+            if chunks and len(chunks[0]) < count:  # the released loader's short last batch: a new pass
+                chunks.clear()
+            if not chunks:
+                chunks.extend(torch.randperm(len(pool), device=device).split(batch_size))
+            return chunks.pop(0)
 
         def mix(model, images, labels, batch_index):
+            count = int(batch_size * self._ratio)
+            chunk = next_chunk(count)
+            pick = chunk[torch.randperm(len(chunk), device=device)[:count]]
+            extra = released_poison_augment(pool[pick], self.train_dataset)
+            keep = batch_size - count  # the released loop takes the first B - ⌊B·r⌋ of a clean batch of B
+            return torch.cat([images[:keep].float(), extra]), torch.cat([labels[:keep], targets[pick]])
+
+        return mix
+
+    def _appended_mix(self, pool, targets, device):
+        if self._ratio <= 0:
+            return None
+
+        def mix(model, images, labels, batch_index):
+            ratio = self._ratio
             count = max(1, round(ratio * len(labels) / (1 - ratio)))
             draw = torch.randint(0, len(pool), (count,), device=device)
             extra = rotate_and_brighten(pool[draw].permute(0, 3, 1, 2).float() / 255)
