@@ -22,6 +22,9 @@ COMMON = ["--width", "8", "--device", "cpu", "--seed", "0", "--no-progress"]
 FAST = {"trojan": ["--surrogate-epochs", "1", "--trojan-steps", "3"],
         "clean-label": ["--surrogate-epochs", "1", "--pgd-steps", "1"],
         "a-blend": ["--poison-rate", "0.05", "--cover-rate", "0.05"]}
+FAST["dfst"] = ["--style-steps", "20", "--detox-epochs", "1"]  # a short style fit and injector training
+FAST["fc"] = ["--surrogate-epochs", "1", "--fc-poisons", "20", "--fc-steps", "2"]  # ~180 target-class images here
+FAST["awp"] = ["--awp-steps", "3", "--awp-samples", "128"]
 SWEEP = ["--pruning-max", "0.2", "--pruning-step", "0.1"]
 
 
@@ -47,7 +50,7 @@ def test_attack_through_every_defense(name, tiny_cifar, tiny_semantic, tmp_path)
                                  "--unlearning_epochs", "1", "--recovering_epochs", "1"]))
     soda = soda_main.main(soda_main.parse_args(
         COMMON + data + ["--checkpoint", ckpt, "--trigger-info", info, "--output-dir", str(tmp_path / "soda"),
-                         "--recon_steps", "5", "--epoch", "1"]))
+                         "--recon_steps", "5", "--epoch", "1", "--num_recon", "4"]))
     for before in (stage2["before"], stage3["before"], rnp["before"], soda["before"]):
         for key in ("clean_acc", "asr", "ra"):
             expected = None if name == "benign" and before is soda["before"] and key != "clean_acc" else stage1[key]

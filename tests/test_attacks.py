@@ -22,14 +22,18 @@ SHAPE = (16, 16, 3)  # not 12 wide: SIG at f = 6 samples sin(pi·j) = 0 there
 # Options that make the defaults' rates poison something on 240 images, and keep the crafting steps short.
 OPTIONS = {"a-blend": {"poison_rate": 0.05, "cover_rate": 0.05}, "trojan": {"trojan_steps": 3},
            "clean-label": {"pgd_steps": 2}}
+OPTIONS["dfst"] = {"style_steps": 2}  # a short fit of the style generator
+OPTIONS["fc"] = {"fc_poisons": 5, "fc_steps": 3}  # 24 target-class images on the tiny data
+OPTIONS["awp"] = {"awp_steps": 2}
 # The semantic attack on the tiny data: class-5 images listed as "having the feature", target 3.
 SEMANTIC_FILE = os.path.join(tempfile.mkdtemp(), "semantic.json")
 with open(SEMANTIC_FILE, "w") as _f:
     json.dump({"tiny": {"toy": {"feature": "listed", "source": 5, "target": 3, "train": list(range(5, 100, 10)),
                                 "test": [105, 115, 125]}}}, _f)
-OPTIONS["semantic"] = {"semantic_file": SEMANTIC_FILE, "semantic_attack": "toy"}
+OPTIONS["semantic"] = {"semantic_file": SEMANTIC_FILE, "semantic_attack": "toy", "semantic_ratio": 0.2}  # 8 of 40
 # Attacks that stamp a trigger on chosen images (semantic attacks pick listed images: tests/test_semantic.py).
-PIXEL_ATTACKS = [name for name in ATTACKS if name != "semantic"]
+# FC adds nothing at test time either (its test set is the source class: tests/test_fc_awp.py).
+PIXEL_ATTACKS = [name for name in ATTACKS if name not in ("semantic", "fc")]
 
 
 def tiny_data(n: int = 240, seed: int = 0):
@@ -58,6 +62,7 @@ def run_attack(attack, seed: int = 0):
     surrogate = tiny_classifier() if attack.needs_surrogate else None
     attack.prepare(images, labels, surrogate, normalize, generator, indices=torch.arange(len(labels)))
     poisoned = attack.poison(images, labels, generator)
+    attack.check_training(40)  # stage 1's batch size, before its hook
     hook = attack.training_hook(poisoned, "cpu", normalize)
     batch = None
     if hook is not None:
@@ -106,8 +111,8 @@ def test_poison_count_labels_and_untouched_images(name):
         assert x.dtype == torch.float32 and not torch.equal(x[:share], images[:share].float())
         return
     pool = labels == 3 if attack.clean_label else labels != 3
-    assert len(p) == int(attack.opts["poison_rate"] * int(pool.sum())), "rate × candidates"
-    if name != "benign":
+    assert len(p) == int(attack.opts.get("poison_rate", 0.0) * int(pool.sum())), "rate × candidates"
+    if name != "benign" and "poison_rate" in attack.opts:  # AWP poisons no image: it perturbs the trained weights
         assert len(p) > 0 and bool(pool[p].all())
         assert not torch.equal(poisoned.images[p], images[p])
     expected_labels = labels.clone()

@@ -11,6 +11,8 @@ import torch
 # Imported in the order the README's table and --help list them.
 from . import badnets, blend, trojan, sig, clean_label, wanet  # noqa: F401,I001
 from . import adaptive_blend, input_aware, lira, semantic, benign  # noqa: F401,I001
+from . import dfst  # noqa: F401,I001
+from . import fc, awp  # noqa: F401,I001
 from .base import ATTACKS, Attack, AttackError, Option, PoisonedSet, create_attack, option_flag
 from .pattern import PatternAttack
 
