@@ -14,18 +14,9 @@ from torch import nn
 import train_backdoor_cifar
 from data import AttackError, create_attack
 from data.attacks.trojan import last_linear
+from test_attacks import SHAPE, normalize, tiny_data  # the registry tests' tiny images (16×16×3) and input map
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPE = (16, 16, 3)
-
-
-def tiny_data(n: int = 240, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n,) + SHAPE, generator=g, dtype=torch.uint8), torch.arange(n) % 10
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    return images.permute(0, 3, 1, 2).float() / 255 - 0.5
 
 
 def tiny_classifier(seed: int = 0) -> nn.Module:
