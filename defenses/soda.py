@@ -304,11 +304,15 @@ def remove(split: SplitModel, mask: torch.Tensor, clean_images: torch.Tensor, cl
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(len(clean_labels), generator=generator).to(device)
+        batches = order.split(batch_size)
+        # Every step's reconstructed picks drawn now, in the order the steps would draw them, and copied to the
+        # device at once (one copy a pass, not one a step).
+        picks = torch.stack([torch.cat([torch.randperm(len(recon_train), generator=generator)
+                                        for _ in range(repeats)])[:recon_per_batch] for _ in batches]).to(device)
         total, count = torch.zeros((), device=device), 0
-        for idx in tqdm(order.split(batch_size), desc=f"remove {epoch}", leave=False, disable=not progress):
+        for idx, pick in tqdm(zip(batches, picks), total=len(batches), desc=f"remove {epoch}", leave=False,
+                              disable=not progress):
             idx = idx[:clean_per_batch]
-            pick = torch.cat([torch.randperm(len(recon_train), generator=generator)
-                              for _ in range(repeats)])[:recon_per_batch].to(device)
             x = torch.cat([transform(clean_images[idx]), recon_train[pick].float()])
             y = torch.cat([clean_labels[idx], source_labels])
             with autocast():
