@@ -7,7 +7,8 @@
     python3 reproduce.py --config configs/fmnist_gpu.yaml --executor local-gpus --cells-per-gpu 6
     python3 reproduce.py --config configs/anp_paper.yaml --dataset fashion-mnist --seeds 0 1 2 --only badnets,blend
 
-Every cell is one stage script's ``main(args)`` in its own folder under the config's output_dir
+Every cell is one stage (stage 1's training or a registered defense, called with its typed config, as the
+scripts call it) in its own folder under the config's output_dir
 (``attack/seedS/model``, ``attack/seedS/defense/dseedD/rule``); a cell whose metrics.json parses is
 done, so an interrupted grid resumes where it stopped. The report writes results.csv, table.md and
 plots/ there.

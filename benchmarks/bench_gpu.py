@@ -250,9 +250,9 @@ def cmd_tiny_grid(args) -> None:
     config.update(name="fmnist_gpu_tiny", output_dir=os.path.join(root, "grid"), dataset="cifar10",
                   data_dir=os.path.join(root, "data"), width=4, device="cpu", seeds=[0], executor="local",
                   train={"epoch": 1, "batch_size": 64}, published=None)
-    config["defenses"] = {"anp": {"nb_iter": 3, "print_every": 3, "val_frac": 0.05},
+    config["defenses"] = {"anp": {"nb_iter": 3, "print_every": 3, "defense_frac": 0.05},
                           "rnp": {"eval_every": 0, "unlearning_epochs": 1, "recovering_epochs": 1, "schedule": [1],
-                                  "ratio": 0.05}}
+                                  "defense_frac": 0.05}}
     config = {k: v for k, v in config.items() if v is not None}
     path = os.path.join(root, "fmnist_gpu_tiny.yaml")
     with open(path, "w") as f:

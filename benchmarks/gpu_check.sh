@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for the GPU numbers of the README's Speed (GPU) section (issue 23). Offline, installs nothing,
+# One command for the GPU numbers of docs/results/speed_gpu.md (issue 23). Offline, installs nothing,
 # needs only what requirements.txt lists minus submitit (torch 2.11 is enough). Within --budget seconds
 # (default 480: 8 minutes on one H100), in this order, each part stopped at its share of the budget:
 #   env.txt       the device, driver, torch, this checkout
@@ -9,7 +9,7 @@
 #   defenses.txt  ANP: seconds for 2000 iterations at width 64 (target: <= 15 s), then compiled; RNP's
 #                 unlearning with the per-batch rule checked eagerly and deferred (same stop, same model?)
 #   pipeline.txt  benchmarks/bench_pipeline.py's lines at width 64 (sweep, anp, rnp, train vs original-style)
-#   grid.txt      configs/fmnist_gpu.yaml's 36 cells from scratch with --executor local-gpus: wall time
+#   grid.txt      configs/fmnist_gpu.yaml's 42 cells from scratch with --executor local-gpus: wall time
 #                 (target: <= 6 minutes on one H100); table.md its table
 #   summary.txt   everything above in one file
 # At most 8 files in the output folder; the grid's own cells go to a temporary folder, removed at the end.

@@ -78,16 +78,3 @@ def normalization_stats(name: str, spec) -> tuple[tuple[float, ...], tuple[float
         channels = len(spec.mean)
         return (0.0,) * channels, (1.0,) * channels
     return tuple(spec.mean), tuple(spec.std)
-
-
-def epoch_batches(num: int, batch_size: int, device, generator: torch.Generator | None = None, shuffle: bool = True):
-    """Index batches for one pass over ``num`` items (the last batch may be smaller, as DataLoader's)."""
-    order = torch.randperm(num, generator=generator) if shuffle else torch.arange(num)
-    order = order.to(device)
-    return list(order.split(batch_size))
-
-
-def sampled_batches(num: int, batch_size: int, num_batches: int, device, generator: torch.Generator | None = None):
-    """``num_batches`` batches drawn with replacement (ANP's RandomSampler(replacement=True))."""
-    idx = torch.randint(0, num, (num_batches, batch_size), generator=generator)
-    return list(idx.to(device).unbind(0))

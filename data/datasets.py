@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from utils.errors import UserError
+from utils.errors import OptionError
 
 from .cifar_format import has_cifar10, read_cifar10
 from .idx_format import has_idx, read_idx_dataset
@@ -45,8 +45,8 @@ def _load_cifar10(data_dir: str) -> Dataset:
             from torchvision.datasets import CIFAR10
             CIFAR10(root=data_dir, train=True, download=True)
         except Exception as err:  # no internet, unwritable directory, ...
-            raise UserError(
-                f"--data-dir: CIFAR-10 not found in {os.path.join(data_dir, 'cifar-10-batches-py')} and the download "
+            raise OptionError(
+                "data_dir", f"CIFAR-10 not found in {os.path.join(data_dir, 'cifar-10-batches-py')} and the download "
                 f"failed ({type(err).__name__}); put torchvision's cifar-10-batches-py folder there "
                 f"(https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz)") from None
     train = read_cifar10(data_dir, train=True)
@@ -65,8 +65,8 @@ def _load_fashion_mnist(data_dir: str) -> Dataset:
             FashionMNIST(root=data_dir, train=False, download=True)
             folder = os.path.join(data_dir, "FashionMNIST", "raw")
         except Exception as err:
-            raise UserError(
-                f"--data-dir: Fashion-MNIST not found in {data_dir} or {DEBIAN_FASHION_MNIST} and the download failed "
+            raise OptionError(
+                "data_dir", f"Fashion-MNIST not found in {data_dir} or {DEBIAN_FASHION_MNIST} and the download failed "
                 f"({type(err).__name__}); install it with 'apt-get install dataset-fashion-mnist'") from None
     return Dataset(*read_idx_dataset(folder, train=True), *read_idx_dataset(folder, train=False))
 
@@ -85,16 +85,17 @@ def get_spec(name: str) -> DatasetSpec:
     """Look up a dataset; case-insensitive, so the RNP tool's ``CIFAR10`` works too."""
     name = ALIASES.get(name.lower(), name.lower())
     if name not in DATASETS:
-        raise UserError(f"--dataset: unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+        raise OptionError("dataset", f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     return DATASETS[name]
 
 
 def load_dataset(name: str, data_dir: str) -> Dataset:
-    """Load ``name`` once into memory; raises :class:`UserError` when it cannot be found."""
+    """Load ``name`` once into memory; raises :class:`utils.errors.OptionError` (``data_dir``) when it cannot be
+    found."""
     spec = get_spec(name)
     dataset = spec.loader(data_dir)
     dataset.spec = spec
     shape = tuple(dataset.train_images.shape[1:])
     if shape != spec.image_shape:
-        raise UserError(f"--data-dir: {name} images have shape {shape}, expected {spec.image_shape}")
+        raise OptionError("data_dir", f"{name} images have shape {shape}, expected {spec.image_shape}")
     return dataset

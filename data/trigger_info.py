@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from utils.checkpoint import safe_load
-from utils.errors import UserError
+from utils.checkpoint import argument_error, safe_load
+from utils.errors import OptionError
 
 from .attacks import Attack, attack_from_record
 from .augment import NORMALIZATIONS, normalization_stats
@@ -46,21 +46,25 @@ def recorded_normalization(trigger_info: dict | None, spec) -> tuple[str, tuple,
     """(name, mean, std) the model of ``trigger_info`` was trained with (the dataset's without a record)."""
     name = (trigger_info or {}).get("normalization", "dataset")
     if name not in NORMALIZATIONS:
-        raise UserError(f"--trigger-info: unknown normalization {name!r}; expected one of {', '.join(NORMALIZATIONS)}")
+        raise OptionError("trigger_info", f"unknown normalization {name!r}; expected one of "
+                                          f"{', '.join(NORMALIZATIONS)}")
     mean, std = normalization_stats(name, spec)
     if trigger_info and "normalize_mean" in trigger_info:
         mean, std = tuple(trigger_info["normalize_mean"]), tuple(trigger_info["normalize_std"])
     if len(mean) != len(spec.mean) or len(std) != len(spec.std):
-        raise UserError(f"--trigger-info: its normalization has {len(mean)} channels, {spec.name} has {len(spec.mean)}")
+        raise OptionError("trigger_info", f"its normalization has {len(mean)} channels, {spec.name} has "
+                                          f"{len(spec.mean)}")
     return name, mean, std
 
 
-def load_trigger_info(path: str, argument: str = "--trigger-info") -> dict:
+def load_trigger_info(path: str, argument: str = "trigger_info") -> dict:
+    """The trigger-info record at ``path`` (checked: it rebuilds its attack); ``argument``: the option that gave
+    ``path`` (or a label: :func:`utils.checkpoint.argument_error`)."""
     record = safe_load(path, argument)
     if not isinstance(record, dict):
-        raise UserError(f"{argument}: {path} does not hold a trigger-info dictionary")
+        raise argument_error(argument, f"{path} does not hold a trigger-info dictionary")
     try:
         attack_from_record(record)
     except (KeyError, ValueError, TypeError, RuntimeError) as err:
-        raise UserError(f"{argument}: {path} is not a usable trigger info ({err})") from None
+        raise argument_error(argument, f"{path} is not a usable trigger info ({err})") from None
     return record

@@ -11,6 +11,7 @@ perturbation is not projected back into [-eps, eps] after its step. ``bn_mode="e
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import mask_parameters, masked_layers, noise_parameters, reset_perturbation, set_perturbation
-from utils.training import uses_cuda_graphs
+from models import (mask_parameters, masked_layers, noise_parameters, reset_perturbation, set_perturbation,
+                    train_only)
+from utils.training import DeviceTotals, augmented, run_batches, sampled_order, uses_cuda_graphs
 
 
 @dataclass
@@ -36,14 +38,7 @@ class ANPConfig:
 
 
 BN_MODES = ("train", "eval")
-DRAW_CHUNK = 500  # iterations whose batch indices are drawn and copied to the device at once
-
-
-def _freeze_all_but_masks_and_noise(model: torch.nn.Module) -> None:
-    """Only masks and perturbations need gradients (about 1.4× faster than the original)."""
-    keep = {id(p) for p in mask_parameters(model) + noise_parameters(model)}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
+DRAW_CHUNK = 500  # iterations whose batch indices are drawn and copied to the device at once (with a generator)
 
 
 def clip_to_unit(tensors: list[torch.Tensor]) -> None:
@@ -125,41 +120,29 @@ def optimize_masks(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     """
     if config.bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {config.bn_mode!r}")
-    _freeze_all_but_masks_and_noise(model)
+    train_only(model, mask_parameters(model) + noise_parameters(model))
     mask_opt, noise_opt = make_optimizers(model, config)
     device = images.device
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    # Batches drawn with replacement, as the original's RandomSampler(replacement=True). With a generator of
-    # their own, DRAW_CHUNK iterations' batches at once, moved to the device in one copy: the same numbers as
-    # one draw per iteration, without a host synchronisation per iteration (a blocking copy to the GPU
-    # waits for the GPU to get there).
-    drawn = None
-    mark_step = uses_cuda_graphs(model, device)
-    for it in tqdm(range(1, config.nb_iter + 1), desc="ANP", leave=False, disable=not progress):
-        if mark_step:
-            torch.compiler.cudagraph_mark_step_begin()
-        if generator is not None:
-            if (it - 1) % DRAW_CHUNK == 0:
-                count = min(DRAW_CHUNK, config.nb_iter - it + 1)
-                drawn = torch.randint(0, len(labels), (count, config.batch_size), generator=generator).to(device)
-            idx = drawn[(it - 1) % DRAW_CHUNK]
-        else:  # the global RNG, which the perturbation and the augmentation draw from too: one at a time
-            idx = torch.randint(0, len(labels), (config.batch_size,)).to(device)
-        x, y = augment(images[idx]), labels[idx]
-        loss, logits = anp_iteration(model, x, y, mask_opt, noise_opt, config, autocast)
-        total_loss += loss.float()
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-        if on_report is not None and (it % config.print_every == 0 or it == config.nb_iter):
-            stats = {"train_loss": total_loss.item() / max(seen / config.batch_size, 1),
-                     "train_acc": correct.item() / max(seen, 1)}
-            set_perturbation(model, False)
-            on_report(it, stats)
-            total_loss.zero_()
-            correct.zero_()
-            seen = 0
+    # Batches drawn with replacement, as the original's RandomSampler(replacement=True); with a generator of
+    # their own DRAW_CHUNK iterations' batches at once (utils.training.sampled_order).
+    order = sampled_order(len(labels), config.batch_size, config.nb_iter, device, generator, chunk=DRAW_CHUNK)
+    make_batch = augmented(images, labels, augment)
+
+    def step(x, y):
+        return anp_iteration(model, x, y, mask_opt, noise_opt, config, autocast)
+
+    # One pass of run_batches per report (the mean loss and accuracy since the previous one: one host sync).
+    window = config.print_every if on_report is not None else config.nb_iter
+    with tqdm(order, total=config.nb_iter, desc="ANP", leave=False, disable=not progress) as bar:
+        batches = iter(bar)
+        for done in range(0, config.nb_iter, window):
+            it = min(done + window, config.nb_iter)
+            totals = run_batches(itertools.islice(batches, it - done), make_batch, step,
+                                 DeviceTotals(device, mean_over="batches"), mark_steps=uses_cuda_graphs(model, device))
+            if on_report is not None:
+                train_loss, train_acc = totals.means()
+                set_perturbation(model, False)
+                on_report(it, {"train_loss": train_loss, "train_acc": train_acc})
     set_perturbation(model, False)
     reset_perturbation(model)
     return model

@@ -12,9 +12,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from utils.checkpoint import atomic_write_text
+from utils.checkpoint import argument_error, atomic_write_text
+from utils.errors import OptionError
 from utils.plots import pyplot, save_figure
-from utils.errors import UserError
 
 from .operating_point import OPERATING_POINTS, defense_accuracy_stop
 
@@ -33,15 +33,16 @@ def write_mask_values(values: list[tuple[str, int, float]], path: str) -> None:
     atomic_write_text(format_mask_values(values), path)
 
 
-def read_mask_values(path: str, argument: str = "--mask-file") -> list[tuple[str, int, float]]:
-    """Parse a mask file (split on any whitespace, header skipped) into ``(layer, idx, value)``."""
+def read_mask_values(path: str, argument: str = "mask_file") -> list[tuple[str, int, float]]:
+    """Parse a mask file (split on any whitespace, header skipped) into ``(layer, idx, value)``. ``argument``:
+    the option that gave ``path`` (or a label: :func:`utils.checkpoint.argument_error`)."""
     if not os.path.isfile(path):
-        raise UserError(f"{argument}: mask file {path} does not exist")
+        raise argument_error(argument, f"mask file {path} does not exist")
     try:
         with open(path) as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{argument}: cannot read {path} ({err})") from None
+        raise argument_error(argument, f"cannot read {path} ({err})") from None
     values = []
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split()
@@ -52,21 +53,22 @@ def read_mask_values(path: str, argument: str = "--mask-file") -> list[tuple[str
                 raise ValueError
             values.append((fields[1], int(fields[2]), float(fields[3])))
         except ValueError:
-            raise UserError(f"{argument}: {path} line {number} is not 'No Layer Idx Mask': {line.strip()[:80]!r}") from None
+            raise argument_error(argument, f"{path} line {number} is not 'No Layer Idx Mask': "
+                                           f"{line.strip()[:80]!r}") from None
     if not values:
-        raise UserError(f"{argument}: {path} holds no mask values")
+        raise argument_error(argument, f"{path} holds no mask values")
     return values
 
 
-def check_mask_values_fit(model: torch.nn.Module, values, argument: str = "--mask-file") -> None:
+def check_mask_values_fit(model: torch.nn.Module, values, argument: str = "mask_file") -> None:
     """Every named layer must be a BatchNorm of the model with that channel."""
     modules = dict(model.named_modules())
     for layer, idx, _ in values:
         module = modules.get(layer)
         weight = getattr(module, "weight", None)
         if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm) or weight is None or idx >= weight.numel():
-            raise UserError(f"{argument}: neuron {layer}[{idx}] is not a BatchNorm channel of this model "
-                            f"(check --arch and --width)")
+            raise argument_error(argument, f"neuron {layer}[{idx}] is not a BatchNorm channel of this model "
+                                           f"(check --arch and --width)")
 
 
 def prune_neuron(model: torch.nn.Module, layer: str, idx: int) -> None:
@@ -110,7 +112,7 @@ def prune_sweep(model: torch.nn.Module, values, mode: str, pruning_max: float, p
     By number: prune ``ceil(step)`` more neurons at a time, up to ``ceil(max)``.
     """
     if mode not in PRUNING_MODES:
-        raise UserError(f"--pruning-by: expected one of {PRUNING_MODES}, got {mode!r}")
+        raise OptionError("pruning_by", f"expected one of {PRUNING_MODES}, got {mode!r}")
     values = sort_by_mask(values)
     rows = []
     if mode == "threshold":
@@ -219,7 +221,7 @@ def prune_and_report(load_original: Callable[[], torch.nn.Module], values, *, mo
     from utils.checkpoint import atomic_save, plain_state_dict
 
     if operating_point not in OPERATING_POINTS:
-        raise UserError(f"--operating-point: expected one of {', '.join(OPERATING_POINTS)}, got {operating_point!r}")
+        raise OptionError("operating_point", f"expected one of {', '.join(OPERATING_POINTS)}, got {operating_point!r}")
     if operating_point == "defense-acc" and defense_accuracy is None:
         raise ValueError("operating_point 'defense-acc' needs defense_accuracy")
     measure = evaluate

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from defenses.anp import clip_to_unit
-from models import mask_parameters
-from utils.device import no_autotune
-from utils.training import epoch_order
+from models import mask_parameters, train_only
+from utils.training import DeviceTotals, augmented, descent_step, epoch_order, run_batches
 
 STOP_CHECKS = ("epoch", "batch")
 
@@ -57,10 +56,14 @@ class _Snapshots:
     def __init__(self, model: torch.nn.Module):
         self.tensors = [p.data for p in model.parameters()] + list(model.buffers())
         self.slots = [[torch.empty_like(t) for t in self.tensors] for _ in range(2)]
+        self.next = 0
 
-    def save(self, slot: int) -> None:
+    def save(self) -> int:
+        """Copy the model into the slot not written last; returns that slot."""
+        slot, self.next = self.next, 1 - self.next
         with torch.no_grad():
             torch._foreach_copy_(self.slots[slot], self.tensors)
+        return slot
 
     def restore(self, slot: int) -> None:
         with torch.no_grad():
@@ -99,59 +102,57 @@ def unlearn(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.schedule), gamma=0.1)
     result = UnlearnResult(0, False, 1.0, 1.0, 0.0)
     device = images.device
+    pending = None  # deferred: (snapshot slot, its verdict's reader, batch size) of the batch before
+
+    def settle(entry) -> bool:
+        """A deferred batch's verdict; True (the model put back) if it met the rule."""
+        slot, read, n = entry
+        met, hits = read()
+        if met:
+            snapshots.restore(slot)
+            result.stopped, result.train_acc = True, hits / n
+        return bool(met)
+
+    def ascent_step(x, y):
+        """Forward; the per-batch rule (eager: before the step, which it then skips); the clipped ascent step;
+        deferred: then the previous batch's verdict (None: it met the rule, this batch does not count)."""
+        nonlocal pending
+        with autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        if per_batch:
+            batch_correct = (logits.argmax(1) == y).sum()
+            if not defer and batch_correct.item() / len(y) <= config.clean_threshold:
+                # The model that met the rule is the current one: keep it, skip this batch's ascent step.
+                result.stopped, result.train_acc = True, batch_correct.item() / len(y)
+                return loss, logits
+            if defer:
+                met = batch_correct.double() / len(y) <= config.clean_threshold
+                entry = (snapshots.save(), _to_host(torch.stack([met.double(), batch_correct.double()])), len(y))
+        optimizer.zero_grad(set_to_none=True)
+        (-loss).backward()
+        # Clip after the backward pass (the original clips before it, where it has no effect).
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=config.clip_grad_norm)
+        optimizer.step()
+        if defer:
+            if pending is not None and settle(pending):
+                pending = None
+                return None
+            pending = entry
+        return loss, logits
+
+    make_batch = augmented(images, labels, augment)
     for epoch in tqdm(range(1, config.unlearning_epochs + 1), desc="unlearn", leave=False, disable=not progress):
         model.train()
         lr = optimizer.param_groups[0]["lr"]
-        total_loss = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        pending = None  # deferred: (snapshot slot, its verdict's reader, its loss sum, correct, size)
-
-        def settle(entry) -> bool:
-            """Count a deferred batch; True (the model put back) if it met the rule."""
-            nonlocal total_loss, correct, seen
-            slot, read, batch_loss, batch_correct, n = entry
-            met, hits = read()
-            total_loss, correct, seen = total_loss + batch_loss, correct + batch_correct, seen + n
-            if met:
-                snapshots.restore(slot)
-                result.stopped, result.train_acc = True, hits / n
-            return bool(met)
-
-        for k, idx in enumerate(epoch_order(len(labels), config.batch_size, device, generator)):
-            with no_autotune(len(idx) != config.batch_size):
-                x, y = augment(images[idx]), labels[idx]
-                with autocast():
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y)
-                batch_loss = loss.detach().double() * len(y)
-                batch_correct = (logits.argmax(1) == y).sum()
-                if per_batch and not defer and batch_correct.item() / len(y) <= config.clean_threshold:
-                    # The model that met the rule is the current one: keep it, skip this batch's ascent step.
-                    result.stopped, result.train_acc = True, batch_correct.item() / len(y)
-                    total_loss, correct, seen = total_loss + batch_loss, correct + batch_correct, seen + len(y)
-                    break
-                if defer:
-                    met = batch_correct.double() / len(y) <= config.clean_threshold
-                    snapshots.save(k % 2)
-                    entry = (k % 2, _to_host(torch.stack([met.double(), batch_correct.double()])), batch_loss,
-                             batch_correct, len(y))
-                optimizer.zero_grad(set_to_none=True)
-                (-loss).backward()
-                # Clip after the backward pass (the original clips before it, where it has no effect).
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=config.clip_grad_norm)
-                optimizer.step()
-            if defer:
-                if pending is not None and settle(pending):
-                    pending = None
-                    break
-                pending = entry
-            else:
-                total_loss, correct, seen = total_loss + batch_loss, correct + batch_correct, seen + len(y)
-        if pending is not None:
+        totals = DeviceTotals(device, torch.float64)  # float64: the sums of Python floats
+        run_batches(epoch_order(len(labels), config.batch_size, device, generator), make_batch, ascent_step, totals,
+                    batch_size=config.batch_size, until=lambda: per_batch and result.stopped)
+        if pending is not None:  # the epoch's last batch
             settle(pending)
+            pending = None
         result.epochs_run = epoch
-        result.epoch_train_loss, result.epoch_train_acc = total_loss.item() / seen, correct.item() / seen
+        result.epoch_train_loss, result.epoch_train_acc = totals.means()
         if not per_batch:
             result.train_acc = result.epoch_train_acc
             result.stopped = result.epoch_train_acc <= config.clean_threshold
@@ -168,27 +169,16 @@ def recover_masks(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
                   generator: torch.Generator | None = None, progress: bool = True) -> torch.nn.Module:
     """Learn the masks of a masked model holding the unlearned weights; only masks change."""
     masks = mask_parameters(model)
-    keep = {id(p) for p in masks}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
+    train_only(model, masks)
     optimizer = torch.optim.SGD(masks, lr=config.recovering_lr, momentum=0.9)
+    step = descent_step(model, optimizer, autocast, loss_fn=lambda logits, y: config.alpha * F.cross_entropy(logits, y),
+                        after_step=lambda: clip_to_unit(masks))
+    make_batch = augmented(images, labels, augment)
     for epoch in tqdm(range(1, config.recovering_epochs + 1), desc="recover", leave=False, disable=not progress):
         model.train()
-        total_loss = torch.zeros((), device=images.device)
-        correct = torch.zeros((), device=images.device, dtype=torch.long)
-        for idx in epoch_order(len(labels), config.batch_size, images.device, generator):
-            with no_autotune(len(idx) != config.batch_size):
-                x, y = augment(images[idx]), labels[idx]
-                with autocast():
-                    logits = model(x)
-                    loss = config.alpha * F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                clip_to_unit(masks)
-                total_loss += loss.detach().float() * len(y)
-                correct += (logits.argmax(1) == y).sum()
+        totals = run_batches(epoch_order(len(labels), config.batch_size, images.device, generator), make_batch, step,
+                             DeviceTotals(images.device), batch_size=config.batch_size)
         if on_epoch is not None:
-            on_epoch(epoch, config.recovering_lr,
-                     {"train_loss": total_loss.item() / len(labels), "train_acc": correct.item() / len(labels)})
+            loss, accuracy = totals.means()
+            on_epoch(epoch, config.recovering_lr, {"train_loss": loss, "train_acc": accuracy})
     return model

@@ -1,11 +1,10 @@
-"""The seam every defense script stands on: one run folder, the defender's data, the model, evaluation.
+"""The seam every defense stands on: one run folder, the defender's data, the model, evaluation.
 
 A :class:`DefenseRun` checks its inputs (trigger info, dataset, the checkpoint's fit) before it writes
-anything, then opens the run folder and its log. Scripts then only call their algorithm:
+anything, then opens the run folder and its log. A defense's ``run`` then only calls its algorithm:
 
-    run = DefenseRun.start(args, args.output_dir, checkpoint=args.checkpoint, val_frac=args.val_frac,
-                           **attack_kwargs(args))
-    model = run.load(args.checkpoint, masked=True)
+    run = DefenseRun.start(inputs, config)
+    model = run.load(inputs.checkpoint, masked=True)
     before = run.evaluate(model)            # ACC / ASR / RA on the whole test sets (reported only)
     ...
     run.finish({...})                       # metrics.json beside output.log
@@ -22,42 +21,57 @@ from models.factory import load_model
 from utils.device import Runtime, make_runtime
 from utils.evaluation import backdoor_metrics, loss_and_accuracy, metrics_from_logits
 from utils.incremental import IncrementalPredictor, NotTraceable
+from utils.options import as_dict
 from utils.run_log import RunLog, run_metadata, start_run, write_metrics
 
 from .defense_data import DefenseData, defense_accuracy, prepare_defense_data
 from .pruning import prune_and_report
+from .registry import DefenseInputs
+
+
+def run_record(inputs: DefenseInputs, config) -> dict:
+    """Every option of a run, flat (metrics.json's ``args``; the grid compares it with the planned one)."""
+    return {**as_dict(inputs.settings), "checkpoint": inputs.checkpoint, "trigger_info": inputs.trigger_info,
+            "output_dir": inputs.output_dir, "mask_file": inputs.mask_file,
+            "steps": list(inputs.steps) if inputs.steps else None, **inputs.attack, **as_dict(config)}
 
 
 @dataclass
 class DefenseRun:
-    args: object
+    inputs: DefenseInputs
+    config: object
     output_dir: str
     runtime: Runtime
     log: RunLog
     data: DefenseData
+    record: dict
 
     @classmethod
-    def start(cls, args, output_dir: str, *, checkpoint: str | None, checkpoint_flag: str = "--checkpoint",
-              val_frac: float, augment: str | None = None, check: Callable[[DefenseData], None] | None = None,
+    def start(cls, inputs: DefenseInputs, config, *, check: Callable[[DefenseData], None] | None = None,
               **attack) -> "DefenseRun":
-        """Check everything (data, attack, ``checkpoint`` fits ``--arch/--width``, the script's own ``check`` of
-        the defender's data), then open the run folder."""
-        runtime = make_runtime(args.device, args.amp)
+        """Check everything (data, attack, the checkpoint fits the arch and width, the defense's own ``check``
+        of the defender's data), then open the run folder. ``attack`` overrides ``inputs.attack``."""
+        settings = inputs.settings
+        runtime = make_runtime(settings.device, settings.amp)
         messages: list[str] = []
-        data = prepare_defense_data(dataset=args.dataset, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
-                                    val_frac=val_frac, seed=args.seed, runtime=runtime, augment=augment,
-                                    log=messages.append, **attack)
-        if checkpoint is not None:
-            load_model(checkpoint, args.arch, data.spec, args.width, runtime, argument=checkpoint_flag)
+        data = prepare_defense_data(dataset=settings.dataset, data_dir=settings.data_dir,
+                                    trigger_info_path=inputs.trigger_info, defense_frac=config.defense_frac,
+                                    seed=settings.seed, runtime=runtime, augment=config.augment,
+                                    log=messages.append, **{**inputs.attack, **attack})
+        load_model(inputs.checkpoint, settings.arch, data.spec, settings.width, runtime, argument="checkpoint")
         if check is not None:
             check(data)
-        runtime, log = start_run(args, output_dir, runtime)
+        record = run_record(inputs, config)
+        runtime, log = start_run(record, inputs.output_dir, runtime)
         for message in messages:
             log(message)
-        return cls(args, output_dir, runtime, log, data)
+        return cls(inputs, config, inputs.output_dir, runtime, log, data, record)
 
-    def load(self, path: str, masked: bool = False, argument: str = "--checkpoint") -> torch.nn.Module:
-        return load_model(path, self.args.arch, self.data.spec, self.args.width, self.runtime, masked, argument)
+    def load(self, path: str | None = None, masked: bool = False, argument: str = "checkpoint") -> torch.nn.Module:
+        """The model at ``path`` (default: the run's checkpoint) on the run's device."""
+        settings = self.inputs.settings
+        return load_model(path or self.inputs.checkpoint, settings.arch, self.data.spec, settings.width,
+                          self.runtime, masked, argument)
 
     def evaluate(self, model: torch.nn.Module) -> dict:
         """ACC, ASR, RA and losses on the whole clean and poisoned test sets: for reporting only."""
@@ -72,7 +86,7 @@ class DefenseRun:
         """:meth:`evaluate` and :meth:`defense_accuracy` of ``model`` along a pruning sweep, computed by an
         :class:`utils.incremental.IncrementalPredictor`; None (evaluate plainly) with ``--sweep-eval plain``
         or a model that ``torch.fx`` cannot trace."""
-        if self.args.sweep_eval == "plain":
+        if self.config.sweep_eval == "plain":
             return None
         sets = self.data.eval_sets
         try:
@@ -90,8 +104,8 @@ class DefenseRun:
         return measure
 
     def prune(self, load_original: Callable[[], torch.nn.Module], values, title: str) -> dict:
-        """The pruning stage with the script's pruning flags (:func:`defenses.stage_args.add_pruning_args`)."""
-        a = self.args
+        """The pruning stage with the config's :class:`defenses.options.PruningOptions`."""
+        a = self.config
         return prune_and_report(load_original, values, mode=a.pruning_by, pruning_max=a.pruning_max,
                                 pruning_step=a.pruning_step, save_threshold=a.save_threshold, evaluate=self.evaluate,
                                 output_dir=self.output_dir, log=self.log, title=f"{title}, {self.data.spec.name}",
@@ -100,7 +114,7 @@ class DefenseRun:
 
     def finish(self, metrics: dict) -> dict:
         """Write ``metrics.json`` (with the command line, versions, seed, device) and close the log."""
-        metrics = {**run_metadata(self.args, self.runtime), **metrics}
+        metrics = {**run_metadata(self.record, self.runtime), **metrics}
         write_metrics(os.path.join(self.output_dir, "metrics.json"), metrics)
         self.log.close()
         return metrics

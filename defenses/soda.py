@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.split import SplitModel, head_of
-from utils.errors import UserError
+from utils.errors import OptionError
+from utils.training import DeviceTotals, descent_step, epoch_order, run_batches
 
 MAD_SCALE = 1.4826  # MAD of a normal distribution's sample -> its standard deviation
 # Floats per batched intervention forward (neurons × samples × neuron count). On the CPU the work is
@@ -73,8 +74,8 @@ def causality_matrices(split: SplitModel, class_inputs: list[torch.Tensor], clos
     """``A`` (C × D × C): the matrix per class of ``class_inputs`` (normalised samples of each class)."""
     if closed_form:
         if not split.is_head:
-            raise UserError(f"--split {split.at}: the closed form holds only at the input of the last linear "
-                            f"layer (--split penultimate)")
+            raise OptionError("split", f"the closed form holds only at the input of the last linear layer "
+                                       f"(penultimate), not at {split.at!r}")
         return closed_form_matrix(split).unsqueeze(0).repeat(len(class_inputs), 1, 1)
     was_training = split.model.training
     split.model.eval()
@@ -295,35 +296,33 @@ def remove(split: SplitModel, mask: torch.Tensor, clean_images: torch.Tensor, cl
     mask = mask.to(device).detach()
     clean_per_batch = batch_size - recon_per_batch
     if clean_per_batch <= 0:
-        raise UserError(f"recon_per_batch: {recon_per_batch} leaves no clean images in a batch of {batch_size}")
+        raise OptionError("recon_per_batch", f"{recon_per_batch} leaves no clean images in a batch of {batch_size}")
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     source_labels = torch.full((recon_per_batch,), source, dtype=torch.long, device=device)
     target_labels = torch.full((recon_per_batch,), target, dtype=torch.long, device=device)
     repeats = -(-recon_per_batch // len(recon_train))  # fewer reconstructed than a batch needs: several passes
+
+    def loss_fn(logits, y):
+        return F.cross_entropy(logits, y) - reg * F.cross_entropy(logits[-recon_per_batch:], target_labels)
+
+    step = descent_step(model, optimizer, autocast, loss_fn, forward=lambda x: split.forward_masked(x, mask).float())
     history = []
     for epoch in range(1, epochs + 1):
         model.train()
-        order = torch.randperm(len(clean_labels), generator=generator).to(device)
-        batches = order.split(batch_size)
+        batches = epoch_order(len(clean_labels), batch_size, device, generator)
         # Every step's reconstructed picks drawn now, in the order the steps would draw them, and copied to the
         # device at once (one copy a pass, not one a step).
-        picks = torch.stack([torch.cat([torch.randperm(len(recon_train), generator=generator)
-                                        for _ in range(repeats)])[:recon_per_batch] for _ in batches]).to(device)
-        total, count = torch.zeros((), device=device), 0
-        for idx, pick in tqdm(zip(batches, picks), total=len(batches), desc=f"remove {epoch}", leave=False,
-                              disable=not progress):
-            idx = idx[:clean_per_batch]
-            x = torch.cat([transform(clean_images[idx]), recon_train[pick].float()])
-            y = torch.cat([clean_labels[idx], source_labels])
-            with autocast():
-                logits = split.forward_masked(x, mask).float()
-                loss = F.cross_entropy(logits, y) - reg * F.cross_entropy(logits[-recon_per_batch:], target_labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(y)
-            count += len(y)
-        row = {"epoch": epoch, "lr": lr, "loss": total.item() / max(count, 1)}
+        picks = iter(torch.stack([torch.cat([torch.randperm(len(recon_train), generator=generator)
+                                             for _ in range(repeats)])[:recon_per_batch] for _ in batches]).to(device))
+
+        def make_batch(idx):
+            idx, pick = idx[:clean_per_batch], next(picks)
+            return (torch.cat([transform(clean_images[idx]), recon_train[pick].float()]),
+                    torch.cat([clean_labels[idx], source_labels]))
+
+        totals = run_batches(batches, make_batch, step, DeviceTotals(device), batch_size=batch_size, progress=progress,
+                             desc=f"remove {epoch}")
+        row = {"epoch": epoch, "lr": lr, "loss": totals.means()[0]}
         if evaluate is not None:
             row.update(evaluate(model))
         log(" \t ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))

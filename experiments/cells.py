@@ -1,15 +1,14 @@
-"""A grid cell: one run of one stage script (``main(args)``) in its own directory.
+"""A grid cell: one stage (stage 1's training, or one defense of the registry) in its own directory, with its
+typed config and inputs as plain values (they travel to worker processes and Slurm jobs as they are).
 
-A cell is done when its ``metrics.json`` exists and parses (the scripts write it last, atomically);
-``status`` also compares the arguments recorded there with the planned ones, so a changed config never
-reuses a run made with other settings. ``run_cell`` is the function every executor calls.
+A cell is done when its ``metrics.json`` exists and parses (every stage writes it last, atomically);
+``status`` also compares the options recorded there with the planned ones, so a changed config never reuses a
+run made with other settings. ``run_cell`` is the function every executor calls: it calls the same entry the
+scripts call (``training.backdoor.train_backdoor``, the defense's ``run``).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib
-import io
 import json
 import os
 import shlex
@@ -18,26 +17,28 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 
+from data.attacks.base import option_flag
+from defenses.registry import DefenseInputs, get_defense
+from defenses.session import run_record
+from training.backdoor import AttackChoice, TrainConfig, train_backdoor, train_record
+from utils.cli import RunSettings
 from utils.errors import UserError
+from utils.options import to_argv
 
-from .config import ConfigError
-
-# Argument destinations the grid sets itself; a config that sets them is refused.
-GRID_SET = {"seed", "dataset", "data_dir", "arch", "width", "device", "progress", "output_dir", "checkpoint",
-            "trigger_info", "mask_file", "operating_point", "save_threshold", "max_acc_drop", "log_root",
-            "output_weight", "backdoor_model_path", "unlearned_model_path", "in_model", "poison_type", "option"}
 CELL_LOG = "cell.out"
 
 
 @dataclass
 class Cell:
-    id: str  # also its directory under the grid's output_dir: attack/seedS/model, attack/seedS/defense/dseedD/rule
+    id: str  # also its folder under output_dir: attack/seedS/model, attack/seedS/defense/dseedD/{masks,RULE,soda}
     directory: str
-    script: str
-    argv: list[str]
-    stage: str  # train, masks, prune
+    stage: str  # train, masks (a pruning defense's masks), prune (one operating rule), defense (any other defense)
     attack: str
     seed: int
+    kind: str = "train"  # "train" or the defense's registry name
+    settings: dict = field(default_factory=dict)  # utils.cli.RunSettings
+    config: dict = field(default_factory=dict)  # TrainConfig or the defense's config
+    inputs: dict = field(default_factory=dict)  # train: {"attack": AttackChoice}; defense: DefenseInputs but settings
     defense: str | None = None
     defense_seed: int | None = None
     rule: str | None = None
@@ -49,78 +50,58 @@ class Cell:
         return os.path.join(self.directory, "metrics.json")
 
     def command(self) -> str:
-        return " ".join(["python3", f"{self.script}.py"] + [shlex.quote(a) for a in self.argv])
+        return command_of(asdict(self))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-@functools.lru_cache(maxsize=None)
-def script_parser(script: str):
-    """The stage script's parser, built once per process (planning and status parse every cell's argv)."""
-    return importlib.import_module(script).build_parser()
+def _objects(cell: dict):
+    """``(settings, config, inputs)`` of a cell as the typed objects its stage takes."""
+    settings = RunSettings(**cell["settings"])
+    if cell["kind"] == "train":
+        return settings, TrainConfig(**cell["config"]), AttackChoice(**cell["inputs"]["attack"])
+    config = get_defense(cell["kind"]).config(**cell["config"])
+    inputs = {**cell["inputs"], "steps": tuple(cell["inputs"]["steps"]) if cell["inputs"].get("steps") else None}
+    return settings, config, DefenseInputs(settings=settings, **inputs)
 
 
-def option_flags(options: dict, parsers: dict, where: str, config_path: str) -> dict[str, list[str]]:
-    """Turn config options into each script's flags. A key goes to every script whose parser knows it
-    (``nb_iter`` -> ``--nb-iter``); a key no script knows, or one the grid sets, is a config error."""
-    argv = {script: [] for script in parsers}
-    for key, value in options.items():
-        matched = False
-        for script, parser in parsers.items():
-            action = None
-            for flag in (f"--{str(key).replace('_', '-')}", f"--{key}"):
-                action = parser._option_string_actions.get(flag)
-                if action is not None:
-                    break
-            if action is None:
-                continue
-            if action.dest in GRID_SET:
-                raise ConfigError(config_path, f"{where}.{key}", "set by the grid itself (seeds, rules, paths and "
-                                  "the common dataset/arch/width/device keys), not per entry")
-            matched = True
-            if action.nargs == 0:  # store_true / store_false
-                if not isinstance(value, bool):
-                    raise ConfigError(config_path, f"{where}.{key}", f"expected true or false, got {value!r}")
-                if value:
-                    argv[script].append(flag)
-            elif isinstance(value, list):
-                argv[script] += [flag] + [str(v) for v in value]
-            elif value is not None:
-                argv[script] += [flag, str(value)]
-        if not matched:
-            names = " or ".join(f"{s}.py" for s in parsers)
-            raise ConfigError(config_path, f"{where}.{key}", f"not a flag of {names}")
-    return argv
+def planned_record(cell: Cell | dict) -> dict:
+    """The options the cell's metrics.json records when it runs (what ``status`` compares)."""
+    cell = asdict(cell) if isinstance(cell, Cell) else cell
+    settings, config, inputs = _objects(cell)
+    if cell["kind"] == "train":
+        return train_record(settings, config, inputs, cell["directory"])
+    return run_record(inputs, config)
 
 
-def common_flags(common: dict) -> list[str]:
-    argv = []
-    for key in ("dataset", "data_dir", "arch", "width", "device"):
-        if key in common:
-            argv += [f"--{key.replace('_', '-')}", str(common[key])]
-    return argv + ["--no-progress"]
+def command_of(cell: dict) -> str:
+    """The shell command that runs the same stage (what the grid's log and metrics.json show)."""
+    settings, config, inputs = _objects(cell)
+    argv = to_argv(settings)
+    if cell["kind"] == "train":
+        argv = ["python3", "train_backdoor_cifar.py"] + argv + ["--poison-type", inputs.poison_type]
+        argv += ["--poison-target", str(inputs.poison_target)] if inputs.poison_target != 0 else []
+        argv += ["--target-type", inputs.target_type] if inputs.target_type != "all2one" else []
+        for key, value in inputs.options.items():
+            argv += [option_flag(key)] + ([str(v) for v in value] if isinstance(value, list) else [str(value)])
+        argv += to_argv(config) + ["--output-dir", cell["directory"]]
+    else:
+        argv = ["python3", "-m", "defenses", cell["kind"]] + argv + ["--checkpoint", inputs.checkpoint]
+        argv += ["--trigger-info", inputs.trigger_info] if inputs.trigger_info else []
+        argv += ["--mask-file", inputs.mask_file] if inputs.mask_file else []
+        argv += ["--steps", *inputs.steps] if inputs.steps else []
+        argv += to_argv(config) + ["--output-dir", inputs.output_dir]
+    return " ".join(shlex.quote(a) for a in argv)
 
 
-def parse_cell(cell: Cell):
-    """The cell's argparse namespace; argparse's complaint becomes one line naming the cell."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return script_parser(cell.script).parse_args(cell.argv)
-    except SystemExit:
-        message = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "bad arguments"
-        raise UserError(f"cell {cell.id}: {cell.script}.py refuses its arguments: {message}") from None
-
-
-def _comparable(namespace_or_dict) -> dict:
-    values = vars(namespace_or_dict) if not isinstance(namespace_or_dict, dict) else namespace_or_dict
+def _comparable(values: dict) -> dict:
     return json.loads(json.dumps(values, default=str))
 
 
-def status(cell: Cell, planned_args) -> tuple[str, str]:
+def status(cell: Cell) -> tuple[str, str]:
     """``(state, why)``: ``todo`` (no metrics.json), ``corrupt`` (it does not parse), ``stale`` (run with
-    other arguments), ``done``."""
+    other options), ``done``."""
     if not os.path.isfile(cell.metrics_path):
         return "todo", ""
     try:
@@ -132,11 +113,11 @@ def status(cell: Cell, planned_args) -> tuple[str, str]:
         return "corrupt", f"{cell.metrics_path} is corrupt ({str(err).splitlines()[0][:80]})"
     recorded = metrics.get("args")
     if isinstance(recorded, dict):
-        planned = _comparable(planned_args)
+        planned = _comparable(planned_record(cell))
         changed = sorted(k for k in planned.keys() & recorded.keys() if k != "progress" and planned[k] != recorded[k])
         if changed:
             k = changed[0]
-            return "stale", f"it ran with --{k.replace('_', '-')} {recorded[k]!r}, the config now says {planned[k]!r}"
+            return "stale", f"it ran with {k} {recorded[k]!r}, the config now says {planned[k]!r}"
     return "done", ""
 
 
@@ -154,21 +135,29 @@ def _read_json_object(path: str) -> dict | None:
 
 
 @contextlib.contextmanager
-def _as_command_line(script: str, argv: list[str]):
+def _as_command_line(command: str):
     """``sys.argv`` as if the stage ran from the shell: its metrics.json records that command line."""
     saved = sys.argv
-    sys.argv = [f"{script}.py"] + list(argv)
+    words = shlex.split(command)[1:]  # without python3
+    sys.argv = [f"python3 -m {words[1]}"] + words[2:] if words[0] == "-m" else words
     try:
         yield
     finally:
         sys.argv = saved
 
 
+def run_stage(cell: dict) -> dict:
+    """The cell's stage in this process: stage 1's ``train_backdoor`` or the defense's ``run``."""
+    settings, config, inputs = _objects(cell)
+    if cell["kind"] == "train":
+        return train_backdoor(settings, config, inputs, cell["directory"])
+    return get_defense(cell["kind"]).run(config, inputs)
+
+
 def run_cell(cell: dict, threads: int | None = None) -> dict:
-    """Run one cell in this process: the script's ``parse_args`` and ``main``, its console output in
-    ``cell.out`` beside its artifacts. Returns ``{"id", "ok", "seconds", "error"}``; never raises for a
-    failing stage (one cell's failure must not lose the others). ``threads``: torch's intra-op threads
-    (a batch job's CPUs, not the node's)."""
+    """Run one cell in this process, its console output in ``cell.out`` beside its artifacts. Returns
+    ``{"id", "ok", "seconds", "error"}``; never raises for a failing stage (one cell's failure must not lose the
+    others). ``threads``: torch's intra-op threads (a batch job's CPUs, not the node's)."""
     if threads:
         import torch
 
@@ -176,18 +165,15 @@ def run_cell(cell: dict, threads: int | None = None) -> dict:
     start = time.perf_counter()
     os.makedirs(cell["directory"], exist_ok=True)
     error = None
+    command = command_of(cell)
     with open(os.path.join(cell["directory"], CELL_LOG), "a") as out:
-        out.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} python3 {cell['script']}.py {' '.join(cell['argv'])}\n")
+        out.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} {command}\n")
         out.flush()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), \
-                _as_command_line(cell["script"], cell["argv"]):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), _as_command_line(command):
             try:
-                module = importlib.import_module(cell["script"])
-                module.main(module.parse_args(cell["argv"]))
+                run_stage(cell)
             except UserError as err:
                 error = str(err)
-            except SystemExit as err:  # argparse: its message went to cell.out
-                error = f"{cell['script']}.py exited with status {err.code}"
             except KeyboardInterrupt:
                 raise
             except Exception as err:  # noqa: BLE001 - reported, the grid goes on

@@ -11,9 +11,10 @@
     attacks:                        # label: stage-1 flags; poison_type defaults to the label
       badnets: {poison_rate: 0.05}
       badnets-all2all: {poison_type: badnets, target_type: all2all}
-    defenses:                       # label: the defense's flags; defense defaults to the label
-      anp: {nb_iter: 300}
+    defenses:                       # label: the defense's options (defenses/registry.py); defense defaults to the
+      anp: {nb_iter: 300}           # label; attacks: [labels] restricts an entry to some attacks
       rnp: {}
+      soda-oracle: {defense: soda, pair: attacker, attacks: [stripet]}
     rules:                          # operating rules of the pruning defenses; rule defaults to the label
       fixed: {save_threshold: 0.2}
       clean-data: {rule: defense-acc, max_acc_drop: 0.05}
@@ -26,8 +27,10 @@
                                     # with local-gpus: from the GPU's memory (experiments.executors)
     slurm: {partition: gpu, gpus_per_task: 1, cpus_per_task: 8, time_min: 240, array_parallelism: 32}
 
-Flag names are written as in the scripts, with ``_`` or ``-``; lists give several values. Every
-problem is one line naming the file and the key.
+Option names are the typed configs' fields (``training.backdoor.TrainConfig``, the attack registry's options,
+each defense's config), written with ``_`` or ``-`` or in the original tools' spellings; lists give several
+values. Every option is checked when the config is read: every problem is one line naming the file and the
+key, before anything runs.
 """
 from __future__ import annotations
 
@@ -35,7 +38,13 @@ import os
 from dataclasses import dataclass, field
 
 from data.attacks import ATTACKS
+from data.attacks.cli import all_options
+from defenses.options import RULE_OPTIONS
+from defenses.registry import get_defense, list_defenses
+from training.backdoor import TrainConfig
+from utils.cli import RunSettings
 from utils.errors import UserError
+from utils.options import fields, from_mapping, key_names
 
 TOP_LEVEL = ("name", "description", "output_dir", "dataset", "data_dir", "arch", "width", "device", "seeds",
              "defense_seeds", "train", "attacks", "defenses", "rules", "oracle", "published", "report", "jobs",
@@ -53,10 +62,22 @@ class ConfigError(UserError):
 
 @dataclass
 class Entry:
-    """One attack, defense or rule of the grid: the label it is reported under, what it is, its options."""
+    """One attack, defense or rule of the grid: the label it is reported under, what it is, its options.
+    A defense entry also carries its typed ``config`` and the attack labels it is restricted to (None: all)."""
     label: str
     kind: str
     options: dict
+    config: object = None
+    attacks: list[str] | None = None
+    attack_options: dict = field(default_factory=dict)  # an attack entry's options of the attack registry
+
+    def applies_to(self, attack_label: str) -> bool:
+        return self.attacks is None or attack_label in self.attacks
+
+
+# Stage-1 keys of an attacks: entry beside the attack's own options; the common keys the grid sets itself.
+ATTACK_KEYS = ("poison_target", "target_type")
+GRID_KEYS = tuple(f.name for f in fields(RunSettings))
 
 
 @dataclass
@@ -118,7 +139,8 @@ def check_published(path: str, published: str) -> None:
 
 def load_config(path: str, overrides: dict | None = None, train_overrides: dict | None = None) -> GridConfig:
     """Read and check ``path``; ``overrides`` (from the command line) replace top-level keys, ``train_overrides``
-    (``--epoch``, ``--schedule``) stage 1's flags of every attack, where an attack sets them too."""
+    (``--epoch``, ``--schedule``) stage 1's options of every attack, where an attack sets them too. Every
+    attack's and defense's options become their typed configs here (each key checked)."""
     config = _load_config(path, overrides)
     given = {k: v for k, v in (train_overrides or {}).items() if v is not None}
     if "epoch" in given and given["epoch"] <= 0:
@@ -126,7 +148,82 @@ def load_config(path: str, overrides: dict | None = None, train_overrides: dict 
     config.train.update(given)
     for entry in config.attacks:
         entry.options.update({k: v for k, v in given.items() if k in entry.options})
+        entry.config = training_config(config, entry)
+    for entry in config.defenses:
+        defense_config(config, entry)
     return config
+
+
+def _refuse_grid_keys(path: str, where: str, options: dict) -> None:
+    for key in options:
+        if str(key).replace("-", "_") in GRID_KEYS:
+            raise ConfigError(path, f"{where}.{key}", "set by the grid itself (seeds, and the common dataset/"
+                              "data_dir/arch/width/device keys at the top level), not per entry")
+
+
+def training_config(config: GridConfig, entry: Entry):
+    """Stage 1 of one attack: ``(TrainConfig, attack keys)`` from ``train:`` and the attack's entry; each key is
+    a stage-1 option, ``poison_target``/``target_type``, or an option of the attack (checked by its type)."""
+    train_names, attack_options = key_names(TrainConfig), all_options()
+    train, attack, origin = {}, {}, {}
+    for where, options in (("train", config.train), (f"attacks.{entry.label}", entry.options)):
+        _refuse_grid_keys(config.path, where, options)
+        section = {}
+        for key, value in options.items():
+            name = str(key).replace("-", "_")
+            if str(key) in train_names:
+                section[key] = value
+            elif name in ATTACK_KEYS or name in attack_options:
+                attack[name], origin[name] = value, where
+            else:
+                raise ConfigError(config.path, f"{where}.{key}", "not a stage-1 option nor an option of any attack")
+        try:  # each section's keys checked where they are written
+            from_mapping(TrainConfig, section, where)
+        except UserError as err:
+            raise ConfigError(config.path, "", str(err)) from None
+        train.update(section)
+    for name, value in attack.items():
+        if name == "target_type" and value not in ATTACKS[entry.kind].target_types:
+            raise ConfigError(config.path, f"{origin[name]}.target_type", f"{entry.kind} supports "
+                              f"{', '.join(ATTACKS[entry.kind].target_types)}, not {value!r}")
+        if name in attack_options:
+            option = ATTACKS[entry.kind].options.get(name)
+            if option is None:
+                raise ConfigError(config.path, f"{origin[name]}.{name}", f"not an option of attack "
+                                  f"{entry.kind!r} (attacks.{entry.label})")
+            try:
+                attack[name] = option.check(name, value)
+            except UserError as err:
+                raise ConfigError(config.path, f"{origin[name]}.{name}", str(err).split(": ", 1)[-1]) \
+                    from None
+    try:
+        train_config = from_mapping(TrainConfig, train, "train")
+    except UserError as err:
+        raise ConfigError(config.path, "", str(err)) from None
+    entry.attack_options = attack
+    return train_config
+
+
+def defense_config(config: GridConfig, entry: Entry) -> None:
+    """A defense entry's typed config (every key checked; the operating rules' keys refused: ``rules:`` sets
+    them), and the attacks it is restricted to."""
+    options = dict(entry.options)
+    attacks = options.pop("attacks", None)
+    if attacks is not None:
+        labels = [a.label for a in config.attacks]
+        if isinstance(attacks, str):
+            attacks = [attacks]
+        if not isinstance(attacks, list) or any(a not in labels for a in attacks):
+            raise ConfigError(config.path, f"defenses.{entry.label}.attacks", f"expected a list of attack labels "
+                              f"of this config ({', '.join(labels)}), got {attacks!r}")
+        entry.attacks = [str(a) for a in attacks]
+    _refuse_grid_keys(config.path, f"defenses.{entry.label}", options)
+    defense = get_defense(entry.kind)
+    refused = {name: "set by the grid's operating rules (rules:), not per defense" for name in RULE_OPTIONS}
+    try:
+        entry.config = from_mapping(defense.config, options, f"defenses.{entry.label}", refused=refused)
+    except UserError as err:
+        raise ConfigError(config.path, "", str(err)) from None
 
 
 def _load_config(path: str, overrides: dict | None = None) -> GridConfig:
@@ -189,8 +286,6 @@ def _load_config(path: str, overrides: dict | None = None) -> GridConfig:
             out.append(Entry(str(label), kind, options))
         return out
 
-    from .plans import DEFENSES  # the defenses the grid knows how to stage
-
     width = raw.get("width", 64)
     if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
         raise ConfigError(path, "width", f"expected a positive integer, got {width!r}")
@@ -237,7 +332,7 @@ def _load_config(path: str, overrides: dict | None = None) -> GridConfig:
         defense_seeds=None if defense_seeds in (None, "same") else ints("defense_seeds", defense_seeds),
         train=mapping("train", raw.get("train")),
         attacks=entries("attacks", raw["attacks"], "poison_type", ATTACKS),
-        defenses=entries("defenses", raw["defenses"], "defense", DEFENSES),
+        defenses=entries("defenses", raw["defenses"], "defense", list_defenses()),
         rules=entries("rules", raw.get("rules", ["fixed"]), "rule", RULES, RULES),
         oracle_max_acc_drop=float(oracle.get("max_acc_drop", 0.05)), published=published,
         removed_asr=float(report.get("removed_asr", 0.10)),

@@ -1,6 +1,6 @@
 """Run a grid: choose the cells to run (missing, corrupt, stale, or downstream of one that reruns), hand
-them to an executor wave by wave (models, then masks, then pruning), print a progress line per cell and a
-summary. A failing cell blocks only the cells that need its output."""
+them to an executor wave by wave (models, then masks and the other defenses, then the operating rules),
+print a progress line per cell and a summary. A failing cell blocks only the cells that need its output."""
 from __future__ import annotations
 
 import fnmatch
@@ -9,7 +9,7 @@ import time
 from utils.errors import UserError
 from utils.run_log import RunLog
 
-from .cells import CELL_LOG, Cell, parse_cell, status
+from .cells import CELL_LOG, Cell, status
 
 
 def _matches(cell: Cell, pattern: str) -> bool:
@@ -19,7 +19,7 @@ def _matches(cell: Cell, pattern: str) -> bool:
 
 def select(cells: list[Cell], only: list[str] | None) -> list[Cell]:
     """The cells every ``--only`` option matches (an option: comma-separated alternatives, each a glob on the
-    cell id ``attack/seedS/defense/dseedD/rule`` or on one of its parts), with the cells they depend on."""
+    cell id ``attack/seedS/defense/dseedD/masks|RULE|soda`` or on one of its parts), with the cells they depend on."""
     if not only:
         return list(cells)
     by_id = {c.id: c for c in cells}
@@ -40,7 +40,7 @@ def plan_states(cells: list[Cell]) -> dict[str, tuple[str, str]]:
     """Each cell's state: done, todo, corrupt, stale, or ``rerun`` (done, but an input of it reruns)."""
     states = {}
     for cell in cells:  # dependencies come first
-        state, why = status(cell, parse_cell(cell))
+        state, why = status(cell)
         if state == "done":
             rerun = [d for d in cell.deps if states.get(d, ("done",))[0] != "done"]
             if rerun:

@@ -1,22 +1,26 @@
-"""How the grid stages each defense: which script runs in which cell, and what depends on what.
+"""How the grid stages each defense: the cells, their typed configs and inputs, and what depends on what.
 
-A stage-1 model is trained once per (attack, seed). A defense cell is (model, defense, defense seed,
-operating rule). The pruning defenses compute their masks once per (model, defense seed) and prune once
-per rule, each in its own directory with the stage's usual artifacts:
-
-- ANP: ``masks/`` (optimize_mask_cifar.py), then one prune_neuron_cifar.py cell per rule.
-- RNP: the first rule's cell is the whole rnp_main.py (unlearn, recover, prune); the other rules prune by
-  its ``mask_values.txt`` (rnp_main.py --mask_file).
-- SODA: one soda_main.py cell (its own detection decides; operating rules do not apply).
-
-A new defense joins by adding a planner here; its options are checked against its scripts' flags.
+A stage-1 model is trained once per (attack, seed). A pruning defense (the registry's ``prunes``: ANP, RNP)
+computes its masks once per (model, defense seed) in a ``masks`` cell (its steps up to ``mask_values.txt``)
+and prunes by them once per operating rule, each rule in its own cell; so a changed rule reruns a sweep, never
+the masks. Any other defense is one cell (its own decision: the operating rules do not apply). Nothing here
+knows a defense by name: the registry says.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
-from .cells import Cell, common_flags, option_flags, parse_cell, script_parser
-from .config import GridConfig
+from data.attacks.semantic import SemanticAttack
+from data.attacks import ATTACKS
+from defenses.registry import get_defense
+from utils.cli import RunSettings
+from utils.errors import UserError
+from defenses.options import DefenseDataOptions, PruningOptions
+from utils.options import as_dict, default_of, fields
+
+from .cells import Cell
+from .config import ConfigError, GridConfig
 
 
 def model_files(model: Cell) -> tuple[str, str]:
@@ -24,94 +28,83 @@ def model_files(model: Cell) -> tuple[str, str]:
     return os.path.join(model.directory, "last_model.th"), os.path.join(model.directory, "trigger_info.th")
 
 
+def settings(config: GridConfig, seed: int) -> dict:
+    common = {k: v for k, v in config.common.items() if k in ("dataset", "data_dir", "arch", "width", "device")}
+    return as_dict(RunSettings(**common, seed=seed, progress=False))
+
+
 def model_cell(config: GridConfig, attack, seed: int) -> Cell:
-    parsers = {"train_backdoor_cifar": script_parser("train_backdoor_cifar")}
-    option_flags(config.train, parsers, "train", config.path)  # names the key's own section in an error
-    option_flags(attack.options, parsers, f"attacks.{attack.label}", config.path)
-    flags = option_flags({**config.train, **attack.options}, parsers, "train", config.path)["train_backdoor_cifar"]
     cell_id = f"{attack.label}/seed{seed}/model"
-    directory = os.path.join(config.output_dir, cell_id)
-    argv = common_flags(config.common) + ["--seed", str(seed), "--poison-type", attack.kind] + flags + \
-        ["--output-dir", directory]
-    return Cell(cell_id, directory, "train_backdoor_cifar", argv, "train", attack.label, seed)
+    options = dict(attack.attack_options)
+    choice = {"poison_type": attack.kind, "poison_target": options.pop("poison_target", 0),
+              "target_type": options.pop("target_type", "all2one"), "options": options}
+    return Cell(cell_id, os.path.join(config.output_dir, cell_id), "train", attack.label, seed, kind="train",
+                settings=settings(config, seed), config=as_dict(attack.config), inputs={"attack": choice})
 
 
-def _rule_flags(rule) -> list[str]:
+def _rule_options(rule) -> dict:
     if rule.kind == "fixed":
-        return ["--operating-point", "fixed", "--save-threshold", str(rule.options["save_threshold"])]
-    return ["--operating-point", "defense-acc", "--max-acc-drop", str(rule.options["max_acc_drop"])]
+        return {"operating_point": "fixed", "save_threshold": float(rule.options["save_threshold"])}
+    return {"operating_point": "defense-acc", "max_acc_drop": float(rule.options["max_acc_drop"])}
 
 
-def _base(config: GridConfig, model: Cell, defense, dseed: int, name: str, **kw) -> dict:
+def _defense_cell(config: GridConfig, model: Cell, defense, dseed: int, name: str, defense_config, **kw) -> Cell:
     cell_id = f"{model.attack}/seed{model.seed}/{defense.label}/dseed{dseed}/{name}"
-    return dict(id=cell_id, directory=os.path.join(config.output_dir, cell_id), attack=model.attack,
-                seed=model.seed, defense=defense.label, defense_seed=dseed, **kw)
-
-
-def plan_anp(config: GridConfig, model: Cell, defense, dseed: int) -> list[Cell]:
-    scripts = ("optimize_mask_cifar", "prune_neuron_cifar")
-    flags = option_flags(defense.options, {s: script_parser(s) for s in scripts}, f"defenses.{defense.label}",
-                         config.path)
+    directory = os.path.join(config.output_dir, cell_id)
     checkpoint, trigger_info = model_files(model)
-    common = common_flags(config.common) + ["--seed", str(dseed), "--checkpoint", checkpoint,
-                                            "--trigger-info", trigger_info]
-    masks = Cell(**_base(config, model, defense, dseed, "masks", rule=None), script="optimize_mask_cifar",
-                 argv=[], stage="masks", deps=[model.id], wave=1)
-    masks.argv = common + flags["optimize_mask_cifar"] + ["--output-dir", masks.directory]
-    cells = [masks]
-    for rule in config.rules:
-        cell = Cell(**_base(config, model, defense, dseed, rule.label, rule=rule.label), script="prune_neuron_cifar",
-                    argv=[], stage="prune", deps=[masks.id], wave=2)
-        cell.argv = common + ["--mask-file", os.path.join(masks.directory, "mask_values.txt")] + \
-            flags["prune_neuron_cifar"] + _rule_flags(rule) + ["--output-dir", cell.directory]
-        cells.append(cell)
-    return cells
+    steps = kw.pop("steps", None)
+    inputs = {"checkpoint": checkpoint, "trigger_info": trigger_info, "output_dir": directory,
+              "mask_file": kw.pop("mask_file", None), "steps": list(steps) if steps else None}
+    return Cell(cell_id, directory, kw.pop("stage"), model.attack, model.seed, kind=defense.kind,
+                settings=settings(config, dseed), config=as_dict(defense_config), inputs=inputs,
+                defense=defense.label, defense_seed=dseed, **kw)
 
 
-def plan_rnp(config: GridConfig, model: Cell, defense, dseed: int) -> list[Cell]:
-    flags = option_flags(defense.options, {"rnp_main": script_parser("rnp_main")}, f"defenses.{defense.label}",
-                         config.path)["rnp_main"]
-    checkpoint, trigger_info = model_files(model)
-    common = common_flags(config.common) + ["--seed", str(dseed), "--backdoor_model_path", checkpoint,
-                                            "--trigger_info", trigger_info] + flags
-    cells = []
-    for i, rule in enumerate(config.rules):
-        cell = Cell(**_base(config, model, defense, dseed, rule.label, rule=rule.label), script="rnp_main", argv=[],
-                    stage="defense" if i == 0 else "prune", deps=[model.id] if i == 0 else [cells[0].id],
-                    wave=1 if i == 0 else 2)
-        reuse = [] if i == 0 else ["--mask_file", os.path.join(cells[0].directory, "mask_values.txt")]
-        cell.argv = common + reuse + _rule_flags(rule) + ["--log_root", cell.directory, "--output_weight",
-                                                         cell.directory]
-        cells.append(cell)
-    return cells
+def plan_defense(config: GridConfig, model: Cell, defense, dseed: int) -> list[Cell]:
+    """The cells of one defense on one model: one, or one per operating rule for a pruning defense."""
+    spec = get_defense(defense.kind)
+    if not spec.prunes:
+        return [_defense_cell(config, model, defense, dseed, defense.kind, defense.config, stage="defense",
+                              rule=None, deps=[model.id], wave=1)]
+    # Each cell's config holds what its steps use, the rest at the defaults: the masks cell prunes nothing, a
+    # prune cell uses the defender's data and the pruning options only.
+    pruning = {f.name for f in fields(PruningOptions)}
+    shared = {f.name for f in fields(DefenseDataOptions)}
+    masks_config = dataclasses.replace(defense.config, **{f.name: default_of(f) for f in fields(PruningOptions)})
+    prune_config = dataclasses.replace(spec.config(), **{k: getattr(defense.config, k) for k in pruning | shared})
+    masks = _defense_cell(config, model, defense, dseed, "masks", masks_config, stage="masks", rule=None,
+                          deps=[model.id], wave=1, steps=spec.mask_steps)
+    mask_file = os.path.join(masks.directory, "mask_values.txt")
+    return [masks] + [_defense_cell(config, model, defense, dseed, rule.label,
+                                    dataclasses.replace(prune_config, **_rule_options(rule)), stage="prune",
+                                    rule=rule.label, deps=[masks.id], wave=2, steps=("prune",), mask_file=mask_file)
+                      for rule in config.rules]
 
 
-def plan_soda(config: GridConfig, model: Cell, defense, dseed: int) -> list[Cell]:
-    flags = option_flags(defense.options, {"soda_main": script_parser("soda_main")}, f"defenses.{defense.label}",
-                         config.path)["soda_main"]
-    cell = Cell(**_base(config, model, defense, dseed, "soda", rule=None), script="soda_main", argv=[],
-                stage="defense", deps=[model.id], wave=1)
-    checkpoint, trigger_info = model_files(model)
-    cell.argv = common_flags(config.common) + ["--seed", str(dseed), "--checkpoint", checkpoint,
-                                               "--trigger-info", trigger_info] + flags + \
-        ["--output-dir", cell.directory]
-    return [cell]
-
-
-DEFENSES = {"anp": plan_anp, "rnp": plan_rnp, "soda": plan_soda}
-PRUNING_DEFENSES = ("anp", "rnp")
+def check_requirements(config: GridConfig) -> None:
+    """A defense entry whose config needs the attacker's pair (an oracle) applies only to attacks that have one."""
+    for defense in config.defenses:
+        if not get_defense(defense.kind).oracle(defense.config):
+            continue
+        for attack in config.attacks:
+            if defense.applies_to(attack.label) and not issubclass(ATTACKS[attack.kind], SemanticAttack):
+                raise ConfigError(config.path, f"defenses.{defense.label}", f"needs the attacker's (source, target) "
+                                  f"pair, which attack {attack.label!r} ({attack.kind}) does not record; restrict "
+                                  f"it with attacks: [...]")
 
 
 def plan(config: GridConfig) -> list[Cell]:
-    """Every cell of the grid, dependencies first; each cell's arguments already checked by its parser."""
+    """Every cell of the grid, dependencies first."""
+    check_requirements(config)
     cells = []
     for attack in config.attacks:
         for seed in config.seeds:
             model = model_cell(config, attack, seed)
             cells.append(model)
             for defense in config.defenses:
-                for dseed in config.seeds_of_defense(seed):
-                    cells += DEFENSES[defense.kind](config, model, defense, dseed)
-    for cell in cells:
-        parse_cell(cell)
+                if defense.applies_to(attack.label):
+                    for dseed in config.seeds_of_defense(seed):
+                        cells += plan_defense(config, model, defense, dseed)
+    if not cells:
+        raise UserError(f"{config.path}: no cells to run")
     return cells

@@ -14,12 +14,13 @@ import math
 import os
 from collections import defaultdict
 
+from defenses.registry import get_defense
 from utils.checkpoint import atomic_write_text
 from utils.plots import pyplot, save_figure
 
 from .cells import Cell, read_metrics
 from .config import GridConfig
-from .plans import PRUNING_DEFENSES
+from .detection_report import detection_lines
 
 CSV_COLUMNS = ("cell", "stage", "attack", "poison_type", "seed", "defense", "defense_seed", "rule", "status",
                "acc_before", "asr_before", "ra_before", "acc", "asr", "ra", "source_acc", "threshold",
@@ -71,7 +72,7 @@ def collect(config: GridConfig, cells: list[Cell]) -> list[dict]:
         if cell.stage == "train":
             record.update(acc=metrics["clean_acc"], asr=metrics["asr"], ra=metrics["ra"],
                           source_acc=metrics.get("source_acc"))
-        elif cell.rule is not None or cell.script == "soda_main":
+        else:
             before = metrics.get("before") or {}
             after = metrics.get("operating_point") or metrics.get("after") or before
             record.update(acc_before=before.get("clean_acc"), asr_before=before.get("asr"), ra_before=before.get("ra"),
@@ -79,7 +80,7 @@ def collect(config: GridConfig, cells: list[Cell]) -> list[dict]:
                           source_acc=after.get("source_acc"), threshold=after.get("threshold"),
                           neurons_pruned=after.get("neurons_pruned"))
             run = (cell.attack, cell.seed, cell.defense, cell.defense_seed)
-            if record["defense_kind"] in PRUNING_DEFENSES and metrics.get("rows") and run not in sweeps_seen:
+            if get_defense(cell.kind).prunes and metrics.get("rows") and run not in sweeps_seen:
                 sweeps_seen.add(run)  # every rule of a run prunes along the same sweep: one oracle per run
                 point = oracle_point(metrics, config.oracle_max_acc_drop)
                 records.append({**{k: record[k] for k in ("attack", "poison_type", "seed", "defense", "defense_kind",
@@ -132,13 +133,13 @@ def group_rows(config: GridConfig, records: list[dict]) -> dict:
         mine = [r for r in done if r["attack"] == attack.label]
         rows = [("no defense", "backdoored model", [r for r in mine if r["stage"] == "train"])]
         for defense in config.defenses:
-            rules = [rule.label for rule in config.rules] if defense.kind in PRUNING_DEFENSES else [None]
+            rules = [rule.label for rule in config.rules] if get_defense(defense.kind).prunes else [None]
             for rule in rules:
                 rows.append((defense.label, rule, [r for r in mine if r["defense"] == defense.label and
-                                                   r["stage"] != ORACLE and r["stage"] != "masks" and
+                                                   r["stage"] not in (ORACLE, "masks") and
                                                    (r["rule"] == rule or rule is None) and r.get("acc") is not None]))
         for defense in config.defenses:
-            if defense.kind in PRUNING_DEFENSES:
+            if get_defense(defense.kind).prunes:
                 rows.append((defense.label, ORACLE, [r for r in mine if r["defense"] == defense.label and
                                                      r["stage"] == ORACLE]))
         groups[attack.label] = rows
@@ -158,8 +159,9 @@ def _removed(config: GridConfig, records: list[dict], before_acc: dict) -> str:
     return f"{ok}/{len(records)}"
 
 
-def _stage_seconds(records: list[dict], defense: str | None, all_records: list[dict]) -> str:
-    """Mean seconds per stage of this row's runs: training, or the defense's mask/unlearning stages + pruning."""
+def _stage_seconds(records: list[dict], defense: str | None, all_records: list[dict], kinds: dict) -> str:
+    """Mean seconds per stage of this row's runs: training, or the defense's stages (the registry's ``timings``;
+    its masks cell's, and each rule's own pruning)."""
     def mean_of(rs, keys):
         values = []
         for r in rs:
@@ -176,12 +178,8 @@ def _stage_seconds(records: list[dict], defense: str | None, all_records: list[d
     firsts = [r for r in all_records if r["defense"] == defense and r["status"] == "done" and
               (r["seed"], r["defense_seed"]) in runs and r["stage"] in ("masks", "defense")]
     parts = []
-    for name, keys, rs in (("masks", ("optimize_seconds",), firsts),
-                           ("unlearn", ("unlearn_seconds",), firsts), ("recover", ("recover_seconds",), firsts),
-                           ("soda", ("analyze_seconds", "detect_seconds", "gen_trigger_seconds", "remove_seconds"),
-                            firsts),
-                           ("prune", ("prune_seconds",), records)):
-        value = mean_of(rs, keys)
+    for name, keys in get_defense(kinds[defense]).timings.items():
+        value = mean_of(records if name == "prune" else firsts, keys)
         if value is not None:
             parts.append(f"{name} {value:.0f}")
     return " + ".join(parts) or "–"
@@ -221,6 +219,7 @@ def table_markdown(config: GridConfig, records: list[dict], published: list[dict
              "mean ± sample std over the runs (n), min–max. *removed*: runs with ASR ≤ "
              f"{100 * config.removed_asr:.0f} % and ACC within {100 * config.removed_acc_drop:.0f} points of the "
              "model before the defense. Time: mean seconds per stage.", ""]
+    oracles = {d.label for d in config.defenses if get_defense(d.kind).oracle(d.config)}
     rule_text = {r.label: (f"fixed {r.options['save_threshold']:g}" if r.kind == "fixed" else
                            f"clean-data (defense-acc, drop ≤ {r.options['max_acc_drop']:g})") for r in config.rules}
     for attack in config.attacks:
@@ -235,12 +234,15 @@ def table_markdown(config: GridConfig, records: list[dict], published: list[dict
             pruned = _stats(rs, "neurons_pruned")
             cells = [defense, "oracle: lowest test ASR, test ACC drop ≤ "
                      f"{config.oracle_max_acc_drop:g} (poisoned test set; not a defense)" if rule == ORACLE else
-                     rule_text.get(rule, rule or "its own"), str(n), _pct(_stats(rs, "acc")),
+                     rule_text.get(rule, rule or ("oracle: the attacker's own pair, from the trigger info (not a "
+                                                  "defense)" if defense in oracles else "its own")),
+                     str(n), _pct(_stats(rs, "acc")),
                      _pct(_stats(rs, "asr")), _pct(_stats(rs, "ra")), _range(_stats(rs, "acc")),
                      _range(_stats(rs, "asr")), "–" if defense == "no defense" or not n else
                      _removed(config, rs, before_acc), "–" if pruned is None else f"{pruned['mean']:.0f}",
                      "–" if rule == ORACLE else
-                     _stage_seconds(rs, None if defense == "no defense" else defense, records)]
+                     _stage_seconds(rs, None if defense == "no defense" else defense, records,
+                                   {d.label: d.kind for d in config.defenses})]
             (oracle_lines if rule == ORACLE else lines).append("| " + " | ".join(cells) + " |")
         if oracle_lines:
             lines += ["", "Oracle rows (threshold chosen on the poisoned test set, as BackdoorBench does; for "
@@ -260,6 +262,7 @@ def table_markdown(config: GridConfig, records: list[dict], published: list[dict
                 lines.append(f"| {p['defense']} | {rule} | {p.get('dataset', '')}, {p.get('arch', '')} | "
                              f"{_published_triple(p.get('before'))} | {_published_triple(p.get('after'))} | [{ref}] |")
         lines.append("")
+    lines += detection_lines(records)
     if references:
         lines += ["## References", ""] + [f"[{n}] {source}. Setting: {setting}." for (source, setting), n in
                                           references.items()] + [""]
@@ -339,7 +342,7 @@ def write_report(config: GridConfig, cells: list[Cell]) -> str:
     for attack, rows in groups.items():
         plot_attack(config, attack, rows, os.path.join(config.output_dir, "plots", f"{attack}.png"))
         for defense in config.defenses:
-            if defense.kind in PRUNING_DEFENSES:
+            if get_defense(defense.kind).prunes:
                 plot_sweeps(attack, defense.label, by_attack[attack],
                             os.path.join(config.output_dir, "plots", f"pruning_{attack}_{defense.label}.png"))
     return text

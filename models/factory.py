@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from utils.checkpoint import load_model_checkpoint
-from utils.errors import UserError
+from utils.errors import OptionError
 
 from . import ARCHITECTURES, create_model
 
@@ -16,9 +16,9 @@ from . import ARCHITECTURES, create_model
 def check_model_args(arch: str, width: int) -> None:
     """``--arch`` and ``--width`` as one-line errors, before a run writes anything."""
     if arch not in ARCHITECTURES:
-        raise UserError(f"--arch: unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+        raise OptionError("arch", f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
     if width <= 0:
-        raise UserError(f"--width: expected a positive channel count, got {width}")
+        raise OptionError("width", f"expected a positive channel count, got {width}")
 
 
 def make_model(arch: str, spec, width: int, masked: bool, runtime) -> nn.Module:
@@ -32,7 +32,7 @@ def model_description(arch: str, width: int, spec) -> str:
 
 
 def load_model(path: str, arch: str, spec, width: int, runtime, masked: bool = False,
-               argument: str = "--checkpoint") -> nn.Module:
+               argument: str = "checkpoint") -> nn.Module:
     """``make_model`` then the checkpoint at ``path``; a mismatch is a one-line error naming ``argument``."""
     model = make_model(arch, spec, width, masked, runtime)
     load_model_checkpoint(model, path, model_description(arch, width, spec), argument)

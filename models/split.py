@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.errors import OptionError
 
 PENULTIMATE = "penultimate"
 
@@ -21,8 +21,8 @@ PENULTIMATE = "penultimate"
 def model_stages(model: nn.Module) -> list:
     stages = getattr(model, "stages", None)
     if stages is None:
-        raise UserError(f"--arch: {type(model).__name__} lists no stages(); SODA needs the penultimate features "
-                        f"and the head (a final nn.Linear)")
+        raise OptionError("arch", f"{type(model).__name__} lists no stages(); SODA needs the penultimate features "
+                                  f"and the head (a final nn.Linear)")
     return stages()
 
 
@@ -35,8 +35,8 @@ def head_of(model: nn.Module) -> nn.Linear:
     """The final linear layer (``linear`` in ResNet and MobileNetV2, ``classifier`` in VGG)."""
     name, head = model_stages(model)[-1]
     if not isinstance(head, nn.Linear):
-        raise UserError(f"--arch: the last stage {name!r} of {type(model).__name__} is not a linear layer; "
-                        f"no head to split at")
+        raise OptionError("arch", f"the last stage {name!r} of {type(model).__name__} is not a linear layer; "
+                                  f"no head to split at")
     return head
 
 
@@ -73,7 +73,7 @@ def split_model(model: nn.Module, at: str = PENULTIMATE) -> SplitModel:
     names = [name for name, _ in model_stages(model)]
     points = split_points(model)
     if at not in points:
-        raise UserError(f"--split: {at!r} is not a stage of {type(model).__name__} before its head; expected one of "
-                        f"{', '.join(points)}")
+        raise OptionError("split", f"{at!r} is not a stage of {type(model).__name__} before its head; expected one of "
+                                   f"{', '.join(points)}")
     index = len(names) - 2 if at == PENULTIMATE else names.index(at)
     return SplitModel(model, at, index)

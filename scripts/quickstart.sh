@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's Quick start: one backdoored model and one defense on real data, offline, on the CPU in a few
 # minutes, run as a one-seed grid (configs/quickstart.yaml: its settings and why). Artifacts and the stage
-# commands it ran land in ${OUT:-runs/quickstart}; the same config with --seeds 0 1 2 3 4 gives the README's
-# five-seed table of this very setting.
+# commands it ran land in ${OUT:-runs/quickstart}; the same config with --seeds 0 1 2 3 4 gives the five-seed
+# table of this very setting (docs/results/quickstart.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/quickstart}
@@ -37,7 +37,7 @@ for r in rows:
         why = ([f"ASR {asr:.3f} > {max_asr:g}"] if asr > max_asr else []) + \
             ([f"ACC lost {100 * (before - acc):.1f} points > {100 * max_drop:g}"] if acc < before - max_drop else [])
         print(f"  -> backdoor removed: ASR <= {max_asr:g} with ACC within {100 * max_drop:g} points" if removed else
-              f"  -> NOT removed in this draw ({', '.join(why)}); the README's five-seed table of this setting "
-              "says how often it is")
+              f"  -> NOT removed in this draw ({', '.join(why)}); the five-seed table of this setting "
+              "(docs/results/quickstart.md) says how often it is")
 print(f"\ntable: {os.path.join(out, 'table.md')}; plots: {os.path.join(out, 'plots')}")
 PY

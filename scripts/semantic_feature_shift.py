@@ -25,7 +25,7 @@ from defenses.defense_data import prepare_defense_data  # noqa: E402
 from defenses.soda import pearson  # noqa: E402
 from models.factory import load_model  # noqa: E402
 from models.split import head_of, split_model  # noqa: E402
-from soda_main import class_inputs  # noqa: E402
+from defenses.soda_defense import class_inputs  # noqa: E402
 from utils.device import make_runtime  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 
@@ -62,7 +62,7 @@ def feature_shift(model, data) -> dict:
 def main(args) -> list[dict]:
     runtime = make_runtime(args.device, amp=False)
     data = prepare_defense_data(dataset=None, data_dir=args.data_dir, trigger_info_path=args.trigger_info,
-                                val_frac=0.05, seed=0, runtime=runtime, log=lambda _: None)
+                                defense_frac=0.05, seed=0, runtime=runtime, log=lambda _: None)
     if data.attack.name != "semantic":
         raise UserError(f"--trigger-info: {args.trigger_info} is a {data.attack.name} attack, not a semantic one")
     source, target = data.eval_sets.source_class, data.attack.target

@@ -20,33 +20,39 @@ from utils.errors import UserError
 
 GIB = 1 << 30
 
-FAKE_STAGE = '''
-import json, os, time
-
-def parse_args(argv):
-    return argv
-
-def main(argv):
-    time.sleep(0.3)  # long enough that the pool hands the cells to different workers
-    with open(os.path.join(argv[0], "metrics.json"), "w") as f:
-        json.dump({"visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(),
-                   "threads": os.environ.get("OMP_NUM_THREADS")}, f)
-'''
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture
 def fake_stage(tmp_path, monkeypatch):
-    """A stage module the spawned workers can import: writes which GPU its worker was given."""
-    (tmp_path / "fake_stage.py").write_text(FAKE_STAGE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    """Cells of a fake defense (tests/fake_defense.py, registered through BACKDOOR_DEFENSES) that the spawned
+    workers can import: each writes which GPU, process and thread count its worker was given."""
+    from dataclasses import asdict
+
+    from defenses import registry
+    from experiments.cells import Cell
+    from utils.cli import RunSettings
+
+    monkeypatch.setenv("BACKDOOR_DEFENSES", "fake_defense")
+    monkeypatch.syspath_prepend(TESTS)
+    # the workers get this process's sys.path through spawn; PYTHONPATH too, for any that start afresh
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p))
+    # registered into a copy of the (loaded) registry, so that no other test sees the fake defense
+    registry.list_defenses()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.delitem(sys.modules, "fake_defense", raising=False)
+    assert registry.get_defense("fake").name == "fake"
 
     def cells(n):
         out = []
         for i in range(n):
-            directory = tmp_path / f"cell{i}"
-            out.append({"id": f"cell{i}", "directory": str(directory), "script": "fake_stage",
-                        "argv": [str(directory)]})
+            directory = str(tmp_path / f"cell{i}")
+            cell = Cell(f"cell{i}", directory, "defense", "badnets", 0, kind="fake",
+                        settings=asdict(RunSettings(device="cpu", progress=False)), config={"sleep": 0.3},
+                        inputs={"checkpoint": "unused.th", "trigger_info": "", "output_dir": directory,
+                                "mask_file": None, "steps": None},
+                        defense="fake", defense_seed=0, deps=["badnets/seed0/model"], wave=1)
+            out.append(cell.to_dict())
         return out
     return cells
 
@@ -111,17 +117,22 @@ def test_reproduce_cells_per_gpu_flag_config_key_and_bad_input(tmp_path, monkeyp
         reproduce.main(reproduce.parse_args(["--config", str(tmp_path / "c.yaml")]))
 
 
-def test_shipped_gpu_config_is_local_gpus_with_36_cells(tmp_path):
+def test_shipped_gpu_config_is_local_gpus_with_42_cells(tmp_path):
     from conftest import ROOT
     from experiments.plans import plan
 
     config = load_config(os.path.join(ROOT, "configs", "fmnist_gpu.yaml"), {"output_dir": str(tmp_path)})
     assert config.executor == "local-gpus" and config.common["width"] == 64 and config.seeds == [0, 1, 2]
     cells = plan(config)
-    assert len(cells) == 36
+    # per model: the model; ANP's and RNP's masks cells, and a pruning cell per rule for each
+    assert len(cells) == 6 * (1 + (1 + 2) * 2) == 42
+    assert [c.stage for c in cells[:7]] == ["train", "masks", "prune", "prune", "masks", "prune", "prune"]
     model = cells[0]
-    assert model.argv[model.argv.index("--epoch") + 1] == "8"
-    assert model.argv[model.argv.index("--schedule") + 1: model.argv.index("--schedule") + 3] == ["4", "6"]
+    assert model.kind == "train" and model.config["epoch"] == 8 and model.config["schedule"] == [4, 6]
+    assert model.settings["width"] == 64 and "--epoch 8 " in model.command() and "--schedule 4 6 " in model.command()
+    rnp = next(c for c in cells if c.kind == "rnp")
+    assert rnp.stage == "masks" and rnp.inputs["steps"] == ["unlearn", "recover"]
+    assert rnp.config["eval_every"] == 0 and rnp.settings["width"] == 64
 
 
 class FakeJob:

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses.anp import ANPConfig, _freeze_all_but_masks_and_noise, anp_iteration, make_optimizers, optimize_masks
-from models import create_model, mask_parameters, reset_perturbation, set_perturbation
+from defenses.anp import ANPConfig, anp_iteration, make_optimizers, optimize_masks
+from models import create_model, mask_parameters, noise_parameters, reset_perturbation, set_perturbation, train_only
 from utils.device import make_runtime, no_autotune
 from utils.training import COMPILE_MODES, compile_model, epoch_order, sgd_with_schedule, train_epoch
 
@@ -135,7 +135,7 @@ def test_anp_batches_drawn_at_once_are_the_per_iteration_draws(chunk, monkeypatc
     optimize_masks(model, images, labels, identity, config, AUTOCAST, generator=torch.Generator().manual_seed(3),
                    progress=False)
     torch.manual_seed(1)
-    _freeze_all_but_masks_and_noise(ref)
+    train_only(ref, mask_parameters(ref) + noise_parameters(ref))
     mask_opt, noise_opt = make_optimizers(ref, config)
     generator = torch.Generator().manual_seed(3)
     for _ in range(config.nb_iter):

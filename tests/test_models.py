@@ -3,6 +3,7 @@ import torch
 
 import models
 from models import ARCHITECTURES, create_model
+from utils.errors import UserError
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
@@ -36,6 +37,6 @@ def test_width_scales_channels():
 
 
 def test_unknown_architecture_message():
-    with pytest.raises(ValueError, match="--arch"):
+    with pytest.raises(UserError, match="^--arch: unknown architecture 'resnet7'"):
         create_model("resnet7")
 

@@ -84,6 +84,8 @@ def test_anp_artifacts(pipeline):
         COMMON + data + anp + ["--mask-file", str(folder / "mask_values.txt"), "--output-dir", str(folder / "rule"),
                                "--operating-point", "defense-acc", "--max-acc-drop", "0.05", "--val-frac", "0.05"]))
     point, before = rule["operating_point"], rule["before"]
+    assert set(rule["timings"]) == {"prune_seconds"} and "reports" not in rule  # the masks are read, not re-made
+    assert not (folder / "rule" / "mask_values.txt").exists()
     assert point["rule"] == "defense-acc" and point["max_acc_drop"] == 0.05
     assert point["defense_acc"] >= before["defense_acc"] - 0.05
     assert point["threshold"] is None or any(r["value"] == point["threshold"] and r["pruned"] == point["neurons_pruned"]
@@ -138,7 +140,7 @@ def evaluate_checkpoint(pipeline, path: str) -> dict:
 
     runtime = make_runtime("cpu")
     data = prepare_defense_data(dataset=None, data_dir=pipeline["data"][1], trigger_info_path=pipeline["info"],
-                                val_frac=0.05, seed=0, runtime=runtime, log=lambda *_: None)
+                                defense_frac=0.05, seed=0, runtime=runtime, log=lambda *_: None)
     model = load_model(path, "resnet18", data.spec, 8, runtime)
     return backdoor_metrics(model, data.eval_sets, data.transform.normalize)
 
@@ -179,12 +181,13 @@ def test_rnp_resume_from_an_unlearned_model_recovers_on_that_model(pipeline, mon
     given = {k: (v * 0.9 if k.endswith("conv1.weight") else v) for k, v in state.items()}  # neither model
     torch.save({"epoch": 1, "state_dict": given, "clean_acc": 0.0, "bad_acc": 0.0}, tmp_path / "given.tar")
     seen = {}
-    original = rnp_main.recover_masks
+    import defenses.rnp_defense as rnp_defense
+    original = rnp_defense.recover_masks
 
     def spy(model, *args, **kwargs):
         seen.update({k: v.detach().clone() for k, v in model.state_dict().items()})
         return original(model, *args, **kwargs)
-    monkeypatch.setattr(rnp_main, "recover_masks", spy)
+    monkeypatch.setattr(rnp_defense, "recover_masks", spy)
     resumed = rnp_main.main(rnp_main.parse_args(
         COMMON + data + ["--backdoor_model_path", pipeline["ckpt"], "--trigger-info", pipeline["info"],
                          "--ratio", "0.05", "--recovering_epochs", "1", "--batch-size", "32", "--pruning-max", "0.1",
@@ -329,7 +332,7 @@ def test_defense_augmentation_follows_the_trigger_info(pipeline, tmp_path):
 
     def prepare(info_path, augment=None):
         return prepare_defense_data(dataset=None, data_dir=pipeline["data"][1], trigger_info_path=info_path,
-                                    val_frac=0.05, seed=0, runtime=make_runtime("cpu"), poison_type="badnets",
+                                    defense_frac=0.05, seed=0, runtime=make_runtime("cpu"), poison_type="badnets",
                                     poison_target=0, augment=augment, log=lambda *_: None)
 
     assert prepare(pipeline["info"]).augmentation == "crop-flip"

@@ -6,7 +6,7 @@ from torch import nn
 from defenses import soda
 from models import create_model
 from models.split import split_model, split_points
-from utils.errors import UserError
+from utils.errors import OptionError, UserError
 
 D, C = 40, 6
 
@@ -269,20 +269,27 @@ def test_removal_runs_exactly_epoch_passes_taking_the_first_clean_images_of_each
 def test_analysis_samples_from_the_defender_or_at_random_from_the_clean_test_split():
     from types import SimpleNamespace
 
-    import soda_main
+    from defenses import soda_defense
     defense = torch.arange(40).view(40, 1, 1, 1).to(torch.uint8)
     test = (100 + torch.arange(60)).view(60, 1, 1, 1).to(torch.uint8)
     data = SimpleNamespace(spec=SimpleNamespace(num_classes=4), defense_images=defense,
                            defense_labels=torch.arange(40) % 4,
                            eval_sets=SimpleNamespace(clean_images=test, clean_labels=torch.arange(60) % 4),
                            transform=SimpleNamespace(normalize=lambda x: x.float()))
-    first = soda_main.class_inputs(data, 3)
+    first = soda_defense.class_inputs(data, 3)
     assert [x.flatten().tolist() for x in first] == [[0, 4, 8], [1, 5, 9], [2, 6, 10], [3, 7, 11]]
-    drawn = soda_main.class_inputs(data, 3, "test", torch.Generator().manual_seed(0))
-    again = soda_main.class_inputs(data, 3, "test", torch.Generator().manual_seed(0))
+    drawn = soda_defense.class_inputs(data, 3, "test", torch.Generator().manual_seed(0))
+    again = soda_defense.class_inputs(data, 3, "test", torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(drawn, again))
     for c, x in enumerate(drawn):
         values = x.flatten().long()
         assert len(values) == 3 and ((values - 100) % 4 == c).all() and (values >= 100).all()
     assert [x.flatten().tolist() for x in drawn] != [[100, 104, 108], [101, 105, 109], [102, 106, 110],
                                                      [103, 107, 111]]  # random, not the first
+
+
+def test_removal_refuses_a_batch_without_clean_images_naming_the_option():
+    split = split_model(planted(1, 4))
+    with pytest.raises(OptionError, match="^--recon-per-batch: 16 leaves no clean images in a batch of 16"):
+        soda.remove(split, torch.ones(D), torch.zeros(4, C), torch.zeros(4, dtype=torch.long), lambda x: x,
+                    torch.zeros(2, C), 1, 4, epochs=1, lr=0.1, reg=0.01, batch_size=16, recon_per_batch=16)

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import soda_main
+from defenses import soda_defense
 import train_backdoor_cifar
-from scripts import soda_table
+from experiments.detection_report import detection_lines
 from conftest import ROOT
 from models import create_model
+from utils.errors import UserError
 
 COMMON = ["--width", "8", "--device", "cpu", "--seed", "0", "--no-progress"]
 FAST = ["--recon_steps", "30", "--epoch", "2", "--num_sample", "32", "--num_recon", "8"]
@@ -141,6 +143,26 @@ def test_steps_alone_then_all_write_the_artifacts_other_tools_read(semantic_mode
 
 
 @pytest.mark.slow
+def test_the_attackers_pair_is_an_oracle_taken_from_the_trigger_info(semantic_model, tmp_path):
+    """``--pair attacker``: the trigger info's (source, target), not the detection's, reconstructed and removed,
+    and recorded as an oracle; without a semantic trigger info it is a one-line error naming the flag."""
+    base = COMMON + semantic_model["data"] + ["--checkpoint", semantic_model["ckpt"], "--ratio", "0.1"] + FAST
+    out = tmp_path / "oracle"
+    soda_main.main(soda_main.parse_args(base + ["--trigger-info", semantic_model["info"], "--option", "analyze",
+                                                "--output-dir", str(out)]))
+    (out / "detection.json").write_text(json.dumps({"source": 3, "target": 5}))  # another pair than the attacker's
+    metrics = soda_main.main(soda_main.parse_args(base + ["--trigger-info", semantic_model["info"], "--pair",
+                                                          "attacker", "--option", "gen_trigger", "--output-dir",
+                                                          str(out)]))
+    recon = torch.load(out / "reconstructed.th", weights_only=True)
+    assert (recon["source"], recon["target"]) == (1, 6) and metrics["pair"] == "attacker"
+    assert "oracle: the attacker's pair 1 -> 6" in (out / "output.log").read_text()
+    with pytest.raises(UserError, match="^--pair: attacker needs a trigger info of a semantic attack"):
+        soda_main.main(soda_main.parse_args(base + ["--pair", "attacker", "--output-dir", str(tmp_path / "none")]))
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.slow
 def test_a_model_without_trigger_info_reports_no_asr(semantic_model, tmp_path):
     metrics = soda_main.main(soda_main.parse_args(
         COMMON + semantic_model["data"] + ["--checkpoint", semantic_model["ckpt"], "--ratio", "0.1",
@@ -178,48 +200,54 @@ def test_bad_input_is_one_line(semantic_model, tmp_path):
         assert not out.exists(), "checked before anything is written"
 
 
+def _records(models: dict) -> list[dict]:
+    """The report's records for ``{name: (stage-1 metrics, SODA metrics)}`` (name ``attack-sSEED``)."""
+    records = []
+    for name, (stage1, soda) in models.items():
+        attack, seed = name.rsplit("-s", 1)
+        base = {"attack": attack, "seed": int(seed), "status": "done", "defense_seed": int(seed)}
+        records += [{**base, "stage": "train", "defense": None, "metrics": stage1},
+                    {**base, "stage": "defense", "defense": "soda", "metrics": soda}]
+    return records
+
+
 @pytest.mark.slow
-def test_soda_table_reads_the_runs(semantic_model, tmp_path, capsys):
-    root = tmp_path / "runs"
-    (root / "semantic-s0" / "backdoor").mkdir(parents=True)
-    (root / "semantic-s0" / "backdoor" / "metrics.json").write_text(json.dumps(semantic_model["metrics"]))
-    soda_main.main(soda_main.parse_args(
-        COMMON + semantic_model["data"] + ["--checkpoint", semantic_model["ckpt"], "--trigger-info",
-                                           semantic_model["info"], "--ratio", "0.1", "--option", "analyze",
-                                           "--output-dir", str(root / "semantic-s0" / "soda")]))
-    soda_main.main(soda_main.parse_args(
-        COMMON + semantic_model["data"] + ["--checkpoint", semantic_model["ckpt"], "--trigger-info",
-                                           semantic_model["info"], "--ratio", "0.1", "--option", "detect",
-                                           "--output-dir", str(root / "semantic-s0" / "soda")]))
-    capsys.readouterr()
-    soda_table.main(str(root))
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| semantic-s0")]
+def test_detection_report_reads_the_runs(semantic_model, tmp_path):
+    out = tmp_path / "soda"
+    for option in ("analyze", "detect"):
+        soda_main.main(soda_main.parse_args(
+            COMMON + semantic_model["data"] + ["--checkpoint", semantic_model["ckpt"], "--trigger-info",
+                                               semantic_model["info"], "--ratio", "0.1", "--option", option,
+                                               "--output-dir", str(out)]))
+    soda = json.loads((out / "metrics.json").read_text())
+    lines = detection_lines(_records({"semantic-s0": (semantic_model["metrics"], soda)}))
+    rows = [line for line in lines if line.startswith("| semantic/seed0")]
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     m = semantic_model["metrics"]
-    assert len(rows) == 1 and cells[1] == "SODA"
-    assert cells[3] == f"{m['asr']:.3f}" and cells[4] == f"{m['source_acc']:.3f}"
-    detection = json.loads((root / "semantic-s0" / "soda" / "detection.json").read_text())
+    assert len(rows) == 1 and cells[1] == "soda" and cells[5] == f"{m['source_acc']:.3f}"
+    detection = json.loads((out / "detection.json").read_text())
     test = detection["target_test"]
-    assert cells[7] == f"{(test['normalized'][6] - test['median']) / test['mad']:.2f}"  # the true target's z
+    assert cells[4] == f"{(test['normalized'][6] - test['median']) / test['mad']:.2f}"  # the true target's z
     hit = (detection["source"], detection["target"]) == (1, 6)
-    assert f"- semantic models flagged as their attacker's pair: {int(hit)} of 1 (semantic-s0 {'yes' if hit else 'no'})" \
-        in out.splitlines()
+    assert f"- semantic models flagged as their attacker's pair: {int(hit)} of 1 (semantic/seed0 " \
+           f"{'yes' if hit else 'no'})" in lines
 
 
-def test_soda_table_summarises_the_fixed_rule_per_kind_of_model():
+def test_detection_report_summarises_the_fixed_rule_per_kind_of_model():
     """Benign: flagged at all is a false positive; semantic: only its own (source, target) counts; other attacks:
     flagged at all."""
-    flagged = {"target": 2, "source": 0}
-    none = {"target": None, "source": None}
-    rows = {"benign-s0": ({"attack": "benign"}, none), "benign-s1": ({"attack": "benign"}, {"target": 1, "source": 3}),
-            "semantic-s0": ({"attack": "semantic", "source_class": 0, "poison_target": 2}, flagged),
-            "semantic-s1": ({"attack": "semantic", "source_class": 0, "poison_target": 2}, {"target": 2, "source": 6}),
-            "badnets-s0": ({"attack": "badnets", "poison_target": 0}, none)}
-    lines = soda_table.summary([(name, stage1, detection) for name, (stage1, detection) in rows.items()])
-    assert lines == ["- benign models flagged (false positives): 1 of 2 (benign-s0 no, benign-s1 yes)",
-                     "- semantic models flagged as their attacker's pair: 1 of 2 (semantic-s0 yes, semantic-s1 no)",
-                     "- models of other attacks flagged: 0 of 1 (badnets-s0 no)"]
+    def soda(target, source):
+        return {"detection": {"target": target, "source": source,
+                              "target_test": {"normalized": [0.1, 0.9, 0.2], "median": 0.2, "mad": 0.1}}}
+    semantic = {"attack": "semantic", "source_class": 0, "poison_target": 2}
+    lines = detection_lines(_records({
+        "benign-s0": ({"attack": "benign"}, soda(None, None)), "benign-s1": ({"attack": "benign"}, soda(1, 3)),
+        "semantic-s0": (semantic, soda(2, 0)), "semantic-s1": (semantic, soda(2, 1)),
+        "badnets-s0": ({"attack": "badnets", "poison_target": 0}, soda(None, None))}))
+    assert lines[-4:-1] == ["- benign models flagged (false positives): 1 of 2 (benign/seed0 no, benign/seed1 yes)",
+                            "- semantic models flagged as their attacker's pair: 1 of 2 (semantic/seed0 yes, "
+                            "semantic/seed1 no)", "- models of other attacks flagged: 0 of 1 (badnets/seed0 no)"]
+    assert "| benign/seed1 | soda | 3 → 1 | 1 (7.00) | – | – |" in lines
 
 
 def most_confused_pair(arch: str, checkpoint: str, data_dir: str) -> tuple[int, int]:
@@ -230,12 +258,12 @@ def most_confused_pair(arch: str, checkpoint: str, data_dir: str) -> tuple[int, 
     from models.factory import load_model
     from utils.device import make_runtime
     runtime = make_runtime("cpu")
-    data = prepare_defense_data(dataset="cifar10", data_dir=data_dir, trigger_info_path=None, val_frac=0.1, seed=0,
+    data = prepare_defense_data(dataset="cifar10", data_dir=data_dir, trigger_info_path=None, defense_frac=0.1, seed=0,
                                 runtime=runtime, poison_type="benign", log=lambda _: None)
     model = load_model(checkpoint, arch, data.spec, 8, runtime).eval()
     with torch.no_grad():
         counts = torch.stack([torch.bincount(model(x).argmax(1), minlength=10)
-                              for x in soda_main.class_inputs(data, 100)])
+                              for x in soda_defense.class_inputs(data, 100)])
     counts.fill_diagonal_(0)
     source, target = divmod(int(counts.argmax()), 10)
     assert counts[source, target] >= 2, "the model confuses no pair twice: nothing to reconstruct"
@@ -254,7 +282,7 @@ def test_every_step_runs_on_the_other_architectures(arch, tiny_cifar, tmp_path):
         COMMON + ["--data-dir", tiny_cifar, "--arch", arch, "--checkpoint", checkpoint, "--ratio", "0.1",
                   "--potential_source", str(source), "--poison_target", str(target), "--recon_steps", "300",
                   "--epoch", "1", "--num_sample", "8", "--num_recon", "8", "--output-dir", str(tmp_path / "soda")]))
-    assert metrics["removed"] is True and set(metrics["timings"]) == {f"{s}_seconds" for s in soda_main.STEPS}
+    assert metrics["removed"] is True and set(metrics["timings"]) == {f"{s}_seconds" for s in soda_defense.STEPS}
     repaired = create_model(arch, 10, 3, 8)
     repaired.load_state_dict(torch.load(tmp_path / "soda" / "repaired_model.th", weights_only=True))
 

@@ -7,14 +7,26 @@ plain checkpoint keep their initial values.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import OptionError, UserError
 
 MASK_SUFFIXES = ("neuron_mask", "neuron_noise", "neuron_noise_bias")
+_OPTION_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def argument_error(argument: str, detail: str) -> UserError:
+    """The error about the file an ``argument`` names. An option name (snake_case: ``checkpoint``, ``mask_file``)
+    gives an :class:`OptionError` (``--checkpoint: detail``; the script or grid layer names it as the user wrote
+    it); any other label (a flag ``--backdoor_model_path``, a positional ``MODEL``, ``--option remove``) is kept
+    as written: ``label: detail``."""
+    if _OPTION_NAME.fullmatch(argument):
+        return OptionError(argument, detail)
+    return UserError(f"{argument}: {detail}")
 
 
 def _atomic_write(path: str, mode: str, write) -> None:
@@ -49,7 +61,7 @@ def resolve_checkpoint_path(path: str, argument: str) -> str:
     twins = {"last_model.th": "model_last.th", "model_last.th": "last_model.th"}
     if name in twins and os.path.isfile(os.path.join(folder, twins[name])):
         return os.path.join(folder, twins[name])
-    raise UserError(f"{argument}: checkpoint {path} does not exist")
+    raise argument_error(argument, f"checkpoint {path} does not exist")
 
 
 def _numpy_safe_globals() -> list:
@@ -67,7 +79,8 @@ def safe_load(path: str, argument: str):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file (pickle, zip, struct, I/O errors) is the user's input
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{argument}: cannot read {path} as a weights-only torch file ({first_line[:160]})") from None
+        raise argument_error(argument, f"cannot read {path} as a weights-only torch file ({first_line[:160]})") \
+            from None
 
 
 def extract_state_dict(obj, argument: str) -> dict:
@@ -75,12 +88,12 @@ def extract_state_dict(obj, argument: str) -> dict:
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{argument}: the file holds no state_dict of tensors")
+        raise argument_error(argument, "the file holds no state_dict of tensors")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
 def load_state_dict_into(model: torch.nn.Module, state_dict: dict, description: str, argument: str) -> None:
-    """Load into ``model``; a key or shape mismatch is a one-line :class:`UserError`."""
+    """Load into ``model``; a key or shape mismatch is a one-line :class:`UserError` (:func:`argument_error`)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict and not k.endswith(MASK_SUFFIXES)]
     unexpected = [k for k in state_dict if k not in own]
@@ -94,13 +107,14 @@ def load_state_dict_into(model: torch.nn.Module, state_dict: dict, description: 
             parts.append(f"unexpected {', '.join(unexpected[:3])}{' …' if len(unexpected) > 3 else ''}")
         if wrong_shape:
             parts.append(f"shape mismatch {', '.join(wrong_shape[:2])}{' …' if len(wrong_shape) > 2 else ''}")
-        raise UserError(f"{argument}: checkpoint does not fit {description} ({'; '.join(parts)}); "
-                        f"check --arch, --width and --dataset")
+        raise argument_error(argument, f"checkpoint does not fit {description} ({'; '.join(parts)}); "
+                                       f"check --arch, --width and --dataset")
     model.load_state_dict(state_dict, strict=False)
 
 
-def load_model_checkpoint(model: torch.nn.Module, path: str, description: str, argument: str = "--checkpoint") -> dict:
-    """Read ``path`` and load it into ``model``; returns the raw object (for its metadata)."""
+def load_model_checkpoint(model: torch.nn.Module, path: str, description: str, argument: str = "checkpoint") -> dict:
+    """Read ``path`` and load it into ``model``; returns the raw object (for its metadata). ``argument``: the
+    option that gave ``path`` (or a label: :func:`argument_error`)."""
     obj = safe_load(path, argument)
     load_state_dict_into(model, extract_state_dict(obj, argument), description, argument)
     return obj if isinstance(obj, dict) else {}

@@ -1,5 +1,5 @@
-"""The one place that decides device, seeding, autocast, channels_last, cudnn.benchmark and the host
-allocator's settings."""
+"""The one place that decides device, seeding, autocast, channels_last, cudnn.benchmark, the evaluation batch
+size and the host allocator's settings."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import OptionError
 
 
 @dataclass
@@ -36,11 +36,11 @@ class Runtime:
 def pick_device(name: str = "auto") -> torch.device:
     """``--device``: ``auto`` takes CUDA when available; a one-line error for anything else unusable."""
     if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"--device: expected auto, cpu or cuda, got {name!r}")
+        raise OptionError("device", f"expected auto, cpu or cuda, got {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+        raise OptionError("device", f"CUDA is not available on this machine for {name!r} (use cpu or auto)")
     return torch.device(name)
 
 
@@ -95,6 +95,19 @@ def no_autotune(active: bool = True):
         yield
     finally:
         torch.backends.cudnn.benchmark = True
+
+
+# Evaluation batch sizes. On the CPU, batches of 128 (the original tools' size) evaluate both Fashion-MNIST
+# test sets with a width-8 ResNet-18 in 4.1 s against 4.8 s in batches of 1000 with one thread (equal with
+# two), with the same logits: each image's forward is independent in eval mode. On CUDA large batches fill
+# the GPU.
+CPU_EVAL_BATCH = 128
+CUDA_EVAL_BATCH = 1024
+
+
+def eval_batch_size(device) -> int:
+    """Images per evaluation forward on ``device`` (:mod:`utils.evaluation`, :mod:`utils.incremental`)."""
+    return CUDA_EVAL_BATCH if torch.device(device).type == "cuda" else CPU_EVAL_BATCH
 
 
 def seed_everything(seed: int) -> None:

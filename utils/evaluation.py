@@ -7,17 +7,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-
-# Evaluation batch sizes. On the CPU, batches of 128 (the original tools' size) evaluate both Fashion-MNIST
-# test sets with a width-8 ResNet-18 in 4.1 s against 4.8 s in batches of 1000 with one thread (equal with
-# two), with the same logits: each image's forward is independent in eval mode. On CUDA large batches fill
-# the GPU.
-CPU_EVAL_BATCH = 128
-CUDA_EVAL_BATCH = 1024
-
-
-def eval_batch_size(device) -> int:
-    return CUDA_EVAL_BATCH if torch.device(device).type == "cuda" else CPU_EVAL_BATCH
+from .device import eval_batch_size
+from .incremental import NotTraceable, predict_folded
 
 
 @torch.inference_mode()
@@ -29,8 +20,6 @@ def predict(model: torch.nn.Module, images: torch.Tensor, transform: Callable, b
     The model runs with its BatchNorms folded into the convolutions, in channels_last
     (:func:`utils.incremental.predict_folded`; the same logits up to float rounding), or as it is where
     ``torch.fx`` cannot trace it."""
-    from .incremental import NotTraceable, predict_folded
-
     try:
         return predict_folded(model, images, transform, batch_size, autocast)
     except NotTraceable:

@@ -10,7 +10,7 @@ recomputes every image set only from the latest kept cut before the first change
 changed it returns the previous logits. Earlier cuts hold the largest activations: the cuts are kept
 from the last one backwards while they fit in ``cache_bytes``.
 
-The logits equal :func:`utils.evaluation.predict`'s up to float rounding (folding multiplies the
+The logits equal :func:`utils.evaluation.predict_plain`'s up to float rounding (folding multiplies the
 BatchNorm scale into the weights before the convolution instead of after it); the tests check a whole
 sweep's rows against the plain evaluation to 1e-4. A model ``torch.fx`` cannot trace raises
 :class:`NotTraceable`; callers then evaluate plainly.
@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .evaluation import eval_batch_size
+from .device import eval_batch_size
 
 CPU_CACHE_BYTES = 2 << 30  # kept activations on the CPU (the process's RSS)
 CUDA_CACHE_FRACTION = 0.25  # of the free GPU memory

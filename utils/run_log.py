@@ -43,21 +43,29 @@ class RunLog:
 
 
 def start_run(args, output_dir: str, runtime=None):
-    """Common start of every script: runtime, seeds, the run folder and its log (first line: the command)."""
-    runtime = runtime or make_runtime(args.device, args.amp)
-    seed_everything(args.seed)
+    """Common start of every stage: runtime, seeds, the run folder and its log (first line: the command).
+    ``args``: the run's options as a mapping (or a namespace) with ``device``, ``amp`` and ``seed``."""
+    values = _values(args)
+    runtime = runtime or make_runtime(values["device"], values["amp"])
+    seed_everything(values["seed"])
     log = RunLog(output_dir)
     log(f"# {run_metadata(args, runtime)['command']}")
     return runtime, log
 
 
+def _values(args) -> dict:
+    return dict(args) if isinstance(args, dict) else dict(vars(args))
+
+
 def run_metadata(args, runtime=None) -> dict:
+    """The command line, every option (``args``: a mapping or a namespace), versions, seed, device, memory."""
+    values = _values(args)
     return {
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-        "args": {k: v for k, v in vars(args).items()},
+        "args": values,
         "versions": library_versions(),
         "code_version": code_version(),
-        "seed": getattr(args, "seed", None),
+        "seed": values.get("seed"),
         "device": str(runtime.device) if runtime is not None else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "peak_memory_mib": peak_memory_mib(runtime),

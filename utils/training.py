@@ -1,5 +1,11 @@
 """Supervised training over in-memory uint8 images (batched augmentation on the device).
 
+One loop serves every stage (:func:`run_batches`): stage 1 (:func:`train_epoch`), ANP's mask optimisation,
+RNP's unlearning and recovery, SODA's removal. Each gives the batch order (:func:`epoch_order`, a shuffled
+pass; :func:`sampled_order`, batches drawn with replacement), how a batch is made (:func:`augmented`: gather,
+hook, augment) and its step (:func:`descent_step`, or its own); the loop adds every step's loss and accuracy
+to :class:`DeviceTotals` on the device.
+
 GPU speed levers, each off on the CPU unless asked for (the CPU path's numbers stay as they were):
 - static shapes: ``last_batch="drop"`` or ``"pad"`` makes every step the same shape (a compiled model or a
   CUDA graph then never meets a second shape); the default ``"keep"`` trains on the last partial batch as
@@ -14,7 +20,7 @@ GPU speed levers, each off on the CPU unless asked for (the CPU path's numbers s
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +54,112 @@ def epoch_order(num: int, batch_size: int, device, generator: torch.Generator | 
     return list(order.to(device).split(batch_size))
 
 
+def sampled_order(num: int, batch_size: int, count: int, device, generator: torch.Generator | None = None,
+                  chunk: int = 500) -> Iterator[torch.Tensor]:
+    """``count`` index batches drawn with replacement (ANP's ``RandomSampler(replacement=True)``), lazily.
+
+    With a generator of its own, ``chunk`` batches are drawn at once and moved to the device in one copy: the
+    same numbers as one draw per batch, without a host synchronisation per batch (a blocking copy to the GPU
+    waits for the GPU to get there). Without one, each batch is drawn from the global RNG when it is asked
+    for, as the draws of the step before it (perturbation, augmentation) come from that RNG too.
+    """
+    for start in range(0, count, chunk if generator is not None else 1):
+        if generator is None:
+            yield torch.randint(0, num, (batch_size,)).to(device)
+            continue
+        drawn = torch.randint(0, num, (min(chunk, count - start), batch_size), generator=generator).to(device)
+        yield from drawn
+
+
+class DeviceTotals:
+    """Running loss and accuracy sums kept on the device: adding a batch queues two small kernels and never
+    waits for the device; :meth:`means` reads both sums in one host synchronisation.
+
+    ``mean_over="samples"``: each batch's (mean) loss weighs its size, the loss of a pass over the data;
+    ``"batches"``: the mean of the batches' losses (ANP's report). ``dtype`` of the loss sum: float64 gives
+    the sums Python floats would.
+    """
+
+    def __init__(self, device, dtype: torch.dtype = torch.float32, mean_over: str = "samples"):
+        if mean_over not in ("samples", "batches"):
+            raise ValueError(f"mean_over must be samples or batches, got {mean_over!r}")
+        self.loss = torch.zeros((), device=device, dtype=dtype)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.per_sample = mean_over == "samples"
+        self.seen = 0
+        self.batches = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = loss.detach().to(self.loss.dtype)
+        self.loss += loss * len(labels) if self.per_sample else loss
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.seen += len(labels)
+        self.batches += 1
+
+    def means(self) -> tuple[float, float]:
+        """``(mean loss, accuracy)`` so far (one host synchronisation)."""
+        loss, correct = torch.stack([self.loss.double(), self.correct.double()]).tolist()
+        return loss / max(self.seen if self.per_sample else self.batches, 1), correct / max(self.seen, 1)
+
+
+def augmented(images: torch.Tensor, labels: torch.Tensor, augment: Callable, batch_hook: Callable | None = None,
+              model: torch.nn.Module | None = None) -> Callable:
+    """The usual ``make_batch`` of :func:`run_batches`: ``images[idx]``, ``labels[idx]`` (both on the device),
+    ``batch_hook(model, images, labels, idx) -> (images, labels)`` when given, then ``augment``."""
+    def make_batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = images[idx], labels[idx]
+        if batch_hook is not None:
+            x, y = batch_hook(model, x, y, idx)
+        return augment(x), y
+    return make_batch
+
+
+def descent_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, autocast,
+                 loss_fn: Callable = F.cross_entropy, forward: Callable | None = None,
+                 after_step: Callable[[], None] | None = None) -> Callable:
+    """The usual ``step`` of :func:`run_batches`: ``loss_fn(forward(x), y)`` under autocast (``forward``:
+    the model by default), a gradient step on it, then ``after_step()`` (e.g. clipping masks to [0, 1]).
+    Returns ``(loss, logits)``."""
+    forward = forward or model
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast():
+            logits = forward(x)
+            loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        return loss, logits
+    return step
+
+
+def run_batches(order: Iterable[torch.Tensor], make_batch: Callable, step: Callable, totals: DeviceTotals, *,
+                batch_size: int | None = None, mark_steps: bool = False, until: Callable[[], bool] | None = None,
+                progress: bool = False, desc: str = "") -> DeviceTotals:
+    """The training loop of every stage: for each index batch ``idx`` of ``order``, ``x, y = make_batch(idx)``
+    (gather and augment on the device), ``step(x, y) -> (loss, logits)`` (the update; None: the batch does not
+    count), ``totals.add(loss, logits, y)``; stops early once ``until()`` is true after a batch. Returns
+    ``totals`` (nothing read on the host here).
+
+    ``order`` is consumed lazily (:func:`sampled_order` may draw from the global RNG between steps). A batch of
+    another size than ``batch_size`` runs without cudnn autotuning (:func:`utils.device.no_autotune`);
+    ``mark_steps`` marks each step as new for CUDA graphs (:func:`uses_cuda_graphs`).
+    """
+    for idx in tqdm(order, desc=desc, leave=False, disable=not progress):
+        with no_autotune(batch_size is not None and len(idx) != batch_size):
+            if mark_steps:
+                torch.compiler.cudagraph_mark_step_begin()
+            x, y = make_batch(idx)
+            result = step(x, y)
+        if result is not None:
+            totals.add(*result, y)
+        if until is not None and until():
+            break
+    return totals
+
+
 def train_epoch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, augment: Callable,
                 optimizer: torch.optim.Optimizer, batch_size: int, autocast, generator: torch.Generator | None = None,
                 progress: bool = True, desc: str = "train", batch_hook: Callable | None = None,
@@ -60,29 +172,11 @@ def train_epoch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     """
     model.train()
     device = images.device
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0  # a hook may add images to a batch (semantic attacks)
-    mark_step = uses_cuda_graphs(model, device)
-    for idx in tqdm(epoch_order(len(labels), batch_size, device, generator, last_batch), desc=desc, leave=False,
-                    disable=not progress):
-        with no_autotune(len(idx) != batch_size):
-            if mark_step:
-                torch.compiler.cudagraph_mark_step_begin()
-            x, y = images[idx], labels[idx]
-            if batch_hook is not None:
-                x, y = batch_hook(model, x, y, idx)
-            x = augment(x)
-            with autocast():
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.detach().float() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-    return total_loss.item() / max(seen, 1), correct.item() / max(seen, 1)
+    totals = run_batches(epoch_order(len(labels), batch_size, device, generator, last_batch),
+                         augmented(images, labels, augment, batch_hook, model),
+                         descent_step(model, optimizer, autocast), DeviceTotals(device), batch_size=batch_size,
+                         mark_steps=uses_cuda_graphs(model, device), progress=progress, desc=desc)
+    return totals.means()
 
 
 def is_compiled(model: torch.nn.Module) -> bool:

@@ -45,7 +45,7 @@ def attack_for_defense(trigger_info: dict | None, num_classes: int, image_shape,
         return attack
     attack = create_attack(poison_type, poison_target, num_classes, image_shape, target_type, **(options or {}))
     if attack.needs_surrogate or attack.learns_trigger:
-        raise AttackError("--trigger-info", f"the {poison_type} trigger is made during training; give the "
+        raise AttackError("trigger_info", f"the {poison_type} trigger is made during training; give the "
                           f"trigger_info.th that train_backdoor_cifar.py wrote")
     return attack
 

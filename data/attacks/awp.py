@@ -108,7 +108,7 @@ class AdversarialWeightPerturbation(BadNets):
         for key in ("awp_eps", "awp_lr"):
             value = self.opts[key]
             if not value > 0:
-                raise AttackError(f"--{key.replace('_', '-')}", f"expected a value > 0, got {value}")
+                raise AttackError(key, f"expected a value > 0, got {value}")
         super().build()
         self.clean_model = None
 

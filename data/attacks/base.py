@@ -31,19 +31,24 @@ from typing import Any, Callable
 
 import torch
 
-from utils.errors import UserError
+from utils.errors import OptionError, flag_of
 
 TARGET_TYPES = ("all2one", "all2all")
 CANDIDATE_RULES = ("non-target", "all")
 ATTACKS: dict[str, type["Attack"]] = {}
 
 
-class AttackError(UserError, ValueError):
-    """Bad attack options; ``flag`` names the command-line flag at fault."""
+class AttackError(OptionError, ValueError):
+    """A bad attack option: ``option`` names it (``poison_rate``; ``str()`` gives ``--poison-rate: ...``). A
+    flag (``--poison-rate``, as callers wrote it before) is taken as its option."""
 
-    def __init__(self, flag: str, message: str):
-        super().__init__(f"{flag}: {message}")
-        self.flag = flag
+    def __init__(self, option: str, detail: str):
+        super().__init__(option.lstrip("-").replace("-", "_"), detail)
+
+    @property
+    def flag(self) -> str:
+        """The option's canonical command-line flag."""
+        return flag_of(self.option)
 
 
 @dataclass(frozen=True)
@@ -55,22 +60,22 @@ class Option:
     low: float | None = None  # smallest allowed value
 
     def check(self, name: str, value):
-        flag = option_flag(name)
         if value is None:
             return None
         try:
             value = self.type(value)
         except (TypeError, ValueError):
-            raise AttackError(flag, f"expected a {self.type.__name__}, got {value!r}") from None
+            raise AttackError(name, f"expected a {self.type.__name__}, got {value!r}") from None
         if self.choices is not None and value not in self.choices:
-            raise AttackError(flag, f"expected one of {', '.join(map(str, self.choices))}, got {value!r}")
+            raise AttackError(name, f"expected one of {', '.join(map(str, self.choices))}, got {value!r}")
         if self.low is not None and value < self.low:
-            raise AttackError(flag, f"expected at least {self.low}, got {value!r}")
+            raise AttackError(name, f"expected at least {self.low}, got {value!r}")
         return value
 
 
 def option_flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """The command-line flag of an attack option (:func:`utils.errors.flag_of`)."""
+    return flag_of(name)
 
 
 def register(cls: type["Attack"]) -> type["Attack"]:
@@ -112,14 +117,14 @@ class Attack:
                  state: dict | None = None, **options):
         """``state`` (from a trigger info) restores the trigger instead of building it anew."""
         if target_type not in self.target_types:
-            raise AttackError("--target-type", f"{self.name} supports {' | '.join(self.target_types)}, "
+            raise AttackError("target_type", f"{self.name} supports {' | '.join(self.target_types)}, "
                               f"got {target_type!r}")
         if not 0 <= int(target) < int(num_classes):
-            raise AttackError("--poison-target", f"{target} is outside the class range 0..{int(num_classes) - 1}")
+            raise AttackError("poison_target", f"{target} is outside the class range 0..{int(num_classes) - 1}")
         unknown = [k for k in options if k not in self.options and options[k] is not None]
         if unknown:
             own = ", ".join(option_flag(k) for k in self.options) or "none"
-            raise AttackError(option_flag(unknown[0]), f"not an option of {self.name} (its options: {own})")
+            raise AttackError(unknown[0], f"not an option of {self.name} (its options: {own})")
         self.target = int(target)
         self.num_classes = int(num_classes)
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -128,7 +133,7 @@ class Attack:
         self.opts.update({k: self.options[k].check(k, v) for k, v in options.items() if v is not None})
         for key, value in self.opts.items():
             if key.endswith("_rate") and not 0.0 <= value <= 1.0:
-                raise AttackError(option_flag(key), f"{value} is outside [0, 1]")
+                raise AttackError(key, f"{value} is outside [0, 1]")
         if state is None:
             self.build()
         else:
@@ -181,7 +186,7 @@ class Attack:
     def candidate_pool(self, labels: torch.Tensor, candidates: str) -> torch.Tensor:
         """Indices that may be poisoned: data.md's rules (clean-label: the target class)."""
         if candidates not in CANDIDATE_RULES:
-            raise AttackError("--poison-candidates", f"expected one of {', '.join(CANDIDATE_RULES)}")
+            raise AttackError("poison_candidates", f"expected one of {', '.join(CANDIDATE_RULES)}")
         if self.clean_label:
             return (labels == self.target).nonzero().flatten()
         if candidates == "non-target" and self.target_type == "all2one":
@@ -209,7 +214,7 @@ class Attack:
         pool = len(self.candidate_pool(labels, candidates))
         if rate > 0 and not self.learns_trigger and int(rate * pool) == 0:
             what = "target-class" if self.clean_label else "candidate"
-            raise AttackError("--poison-rate", f"{rate} of {pool} {what} images poisons none; raise the rate or "
+            raise AttackError("poison_rate", f"{rate} of {pool} {what} images poisons none; raise the rate or "
                               f"use more data")
 
     def poison(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
@@ -279,7 +284,7 @@ def create_attack(name: str, target: int, num_classes: int, image_shape, target_
                   **options) -> Attack:
     """Build the registered attack ``name`` (options left out or None take the class's defaults)."""
     if name not in ATTACKS:
-        raise AttackError("--poison-type", f"unknown attack {name!r}; expected one of {', '.join(ATTACKS)}")
+        raise AttackError("poison_type", f"unknown attack {name!r}; expected one of {', '.join(ATTACKS)}")
     return ATTACKS[name](target, num_classes, image_shape, target_type, **options)
 
 

@@ -30,7 +30,7 @@ def load_pattern_file(path: str, image_shape) -> torch.Tensor:
 
     h, w, c = image_shape
     if not os.path.isfile(path):
-        raise AttackError("--trigger-file", f"{path} does not exist")
+        raise AttackError("trigger_file", f"{path} does not exist")
     try:
         if path.endswith((".npy", ".npz")):
             array = np.load(path, allow_pickle=False)
@@ -39,7 +39,7 @@ def load_pattern_file(path: str, image_shape) -> torch.Tensor:
             if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
                 array = array.transpose(1, 2, 0)  # C×H×W -> H×W×C
             if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3)):
-                raise AttackError("--trigger-file", f"{path} holds an array of shape {array.shape}; expected "
+                raise AttackError("trigger_file", f"{path} holds an array of shape {array.shape}; expected "
                                   f"H×W, H×W×C or C×H×W with 1 or 3 channels")
             if array.max() <= 1.0:
                 array = array * 255
@@ -50,7 +50,7 @@ def load_pattern_file(path: str, image_shape) -> torch.Tensor:
     except AttackError:
         raise
     except Exception as err:
-        raise AttackError("--trigger-file", f"cannot read {path} as an image ({err})") from None
+        raise AttackError("trigger_file", f"cannot read {path} as an image ({err})") from None
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).reshape(h, w, c).copy())
 
 

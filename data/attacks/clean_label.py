@@ -71,11 +71,11 @@ class CleanLabel(Attack):
         paths = [os.path.join(folder, f"train_{k}.npy") for k in ("images", "labels")]
         for path in paths:
             if not os.path.isfile(path):
-                raise AttackError("--clb-dir", f"{path} does not exist")
+                raise AttackError("clb_dir", f"{path} does not exist")
         array = np.load(paths[0], allow_pickle=False)
         total = None if indices is None else int(indices.max()) + 1
         if array.shape[1:] != self.image_shape or (total is not None and len(array) < total):
-            raise AttackError("--clb-dir", f"train_images.npy has shape {array.shape}; expected the whole training "
+            raise AttackError("clb_dir", f"train_images.npy has shape {array.shape}; expected the whole training "
                               f"set as N×{'×'.join(map(str, self.image_shape))}")
         array = torch.from_numpy(array.astype(np.uint8))
         self.adversarial = array[indices] if indices is not None else array

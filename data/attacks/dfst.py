@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.checkpoint import safe_load
-from utils.errors import UserError
+from utils.errors import OptionError
 
 from .base import Attack, AttackError, Option, PoisonedSet, register, to_uint8
 from .ssim import ssim
@@ -233,11 +233,11 @@ class DFST(Attack):
 
     def build(self) -> None:
         if not 0 < self.opts["style_alpha"] <= 1:
-            raise AttackError("--style-alpha", f"{self.opts['style_alpha']} is outside (0, 1]")
+            raise AttackError("style_alpha", f"{self.opts['style_alpha']} is outside (0, 1]")
         if not 0 < self.opts["detox_neuron_ratio"] <= 1:
-            raise AttackError("--detox-neuron-ratio", f"{self.opts['detox_neuron_ratio']} is outside (0, 1]")
+            raise AttackError("detox_neuron_ratio", f"{self.opts['detox_neuron_ratio']} is outside (0, 1]")
         if not 0 <= self.opts["ssim_bound"] < 1:
-            raise AttackError("--ssim-bound", f"{self.opts['ssim_bound']} is outside [0, 1)")
+            raise AttackError("ssim_bound", f"{self.opts['ssim_bound']} is outside [0, 1)")
         self.networks()
         self.fitted = False
         if self.opts["style_generator"]:
@@ -246,8 +246,8 @@ class DFST(Attack):
 
     def load_generator_file(self, path: str) -> None:
         if not os.path.isfile(path):
-            raise AttackError("--style-generator", f"{path} does not exist")
-        record = safe_load(path, "--style-generator")
+            raise AttackError("style_generator", f"{path} does not exist")
+        record = safe_load(path, "style_generator")
         if isinstance(record, dict) and isinstance(record.get("state"), dict):  # a DFST trigger_info.th
             record = record["state"]
         if isinstance(record, dict) and any(str(k).startswith(STYLE_PREFIX) for k in record):
@@ -256,8 +256,8 @@ class DFST(Attack):
             self.style_net.load_state_dict(record)
         except (RuntimeError, TypeError, AttributeError, KeyError) as err:
             first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-            raise AttackError("--style-generator", f"{path} holds no DFST style generator for "
-                                                   f"{self.image_shape[2]}-channel images ({first})") from None
+            raise AttackError("style_generator", f"{path} holds no DFST style generator for "
+                                                 f"{self.image_shape[2]}-channel images ({first})") from None
 
     def state(self) -> dict[str, torch.Tensor]:
         return {STYLE_PREFIX + k: v.detach().cpu().clone() for k, v in self.style_net.state_dict().items()}
@@ -349,16 +349,16 @@ class DFST(Attack):
         pooling and the head, e.g. VGG's ``features``, MobileNetV2's ``conv2``)."""
         stages = getattr(model, "stages", None)
         if stages is None:
-            raise UserError("--arch: DFST's detoxification needs a model that lists its stages() (the registry's "
-                            "ResNet, VGG and MobileNetV2 do)")
+            raise OptionError("arch", "DFST's detoxification needs a model that lists its stages() (the registry's "
+                                      "ResNet, VGG and MobileNetV2 do)")
         stages = stages()
         names = [name for name, _ in stages]
         layer = self.opts["detox_layer"]
         if layer in names:
             return stages, names.index(layer), layer
         if layer != self.options["detox_layer"].default:
-            raise UserError(f"--detox-layer: {layer!r} is not a stage of {type(model).__name__}; expected one of "
-                            f"{', '.join(names[:-1])}")
+            raise OptionError("detox_layer", f"{layer!r} is not a stage of {type(model).__name__}; expected one of "
+                                             f"{', '.join(names[:-1])}")
         index = max(len(stages) - 3, 0)
         return stages, index, names[index]
 

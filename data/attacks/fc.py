@@ -136,22 +136,22 @@ class FeatureCollision(Attack):
     # --- construction -----------------------------------------------------------------------
     def build(self) -> None:
         if self.opts["fc_watermark"] > 1:
-            raise AttackError("--fc-watermark", f"expected an opacity in [0, 1], got {self.opts['fc_watermark']}")
+            raise AttackError("fc_watermark", f"expected an opacity in [0, 1], got {self.opts['fc_watermark']}")
         source = self.opts["fc_source"]
-        self._set_source((self.target + 1) % self.num_classes if source is None else source, "--fc-source")
+        self._set_source((self.target + 1) % self.num_classes if source is None else source, "fc_source")
         self.poisons = self.base_positions = None
 
-    def _set_source(self, source: int, flag: str) -> None:
+    def _set_source(self, source: int, option: str) -> None:
         if not 0 <= source < self.num_classes or source == self.target:
-            raise AttackError(flag, f"the source class must be in 0..{self.num_classes - 1} and not the target "
-                                    f"{self.target}, got {source}")
+            raise AttackError(option, f"the source class must be in 0..{self.num_classes - 1} and not the target "
+                                      f"{self.target}, got {source}")
         self.source_class = int(source)
 
     def state(self) -> dict:
         return {"source": torch.tensor([self.source_class])}
 
     def load_state(self, state: dict) -> None:
-        self._set_source(int(torch.as_tensor(state["source"]).reshape(-1)[0]), "--trigger-info")
+        self._set_source(int(torch.as_tensor(state["source"]).reshape(-1)[0]), "trigger_info")
         self.poisons = self.base_positions = None
 
     @property
@@ -167,10 +167,10 @@ class FeatureCollision(Attack):
         image to collide with names ``--fc-source``."""
         bases = int((labels == self.target).sum())
         if self.opts["fc_poisons"] > bases:
-            raise AttackError("--fc-poisons", f"{self.opts['fc_poisons']} poisons asked but only {bases} target-class "
-                                              f"(class {self.target}) training images to use as bases")
+            raise AttackError("fc_poisons", f"{self.opts['fc_poisons']} poisons asked but only {bases} target-class "
+                                            f"(class {self.target}) training images to use as bases")
         if not bool((labels == self.source_class).any()):
-            raise AttackError("--fc-source", f"no training image of the source class {self.source_class}")
+            raise AttackError("fc_source", f"no training image of the source class {self.source_class}")
 
     def prepare(self, images, labels, surrogate, normalize, generator, indices=None) -> None:
         self.check_poison_count(labels)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..augment import random_crop_flip
-from .base import Attack, AttackError, Option, PoisonedSet, option_flag, register
+from .base import Attack, AttackError, Option, PoisonedSet, register
 
 BUNDLED_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "semantic_attacks.json")
 ROTATION_DEGREES = 10.0
@@ -62,11 +62,11 @@ def read_semantic_file(path: str) -> dict:
         with open(path) as f:
             data = json.load(f)
     except OSError as err:
-        raise AttackError("--semantic-file", f"cannot read {path} ({err.strerror})") from None
+        raise AttackError("semantic_file", f"cannot read {path} ({err.strerror})") from None
     except json.JSONDecodeError as err:
-        raise AttackError("--semantic-file", f"{path} is not JSON ({err.msg}, line {err.lineno})") from None
+        raise AttackError("semantic_file", f"{path} is not JSON ({err.msg}, line {err.lineno})") from None
     if not isinstance(data, dict):
-        raise AttackError("--semantic-file", f"{path}: expected {{dataset: {{attack: {{...}}}}}}")
+        raise AttackError("semantic_file", f"{path}: expected {{dataset: {{attack: {{...}}}}}}")
     attacks = {}
     for dataset, entries in data.items():
         if dataset.startswith("_") or not isinstance(entries, dict):
@@ -74,10 +74,10 @@ def read_semantic_file(path: str) -> dict:
         for name, entry in entries.items():
             missing = [k for k in ("source", "target", "train", "test") if k not in entry]
             if missing:
-                raise AttackError("--semantic-file", f"{path}: {dataset}/{name} lacks {', '.join(missing)}")
+                raise AttackError("semantic_file", f"{path}: {dataset}/{name} lacks {', '.join(missing)}")
             attacks[name] = {**entry, "dataset": dataset}
     if not attacks:
-        raise AttackError("--semantic-file", f"{path} lists no attack")
+        raise AttackError("semantic_file", f"{path} lists no attack")
     return attacks
 
 
@@ -138,12 +138,12 @@ class SemanticAttack(Attack):
         name = self.opts["semantic_attack"]
         if name not in attacks:
             listed = ", ".join(f"{k} ({v['dataset']})" for k, v in attacks.items())
-            raise AttackError("--semantic-attack", f"{path} has no attack {name!r}; it lists {listed}")
+            raise AttackError("semantic_attack", f"{path} has no attack {name!r}; it lists {listed}")
         entry = attacks[name]
         self.dataset = entry["dataset"]
         self.feature = entry.get("feature", "")
         self._set(torch.as_tensor(entry["train"], dtype=torch.long), torch.as_tensor(entry["test"], dtype=torch.long),
-                  int(entry["source"]), int(entry["target"]), flag="--semantic-file")
+                  int(entry["source"]), int(entry["target"]), option="semantic_file")
 
     def _check_options(self, strict: bool = True) -> None:
         for key in ("semantic_ratio", "tune_ratio") if strict else ():
@@ -152,19 +152,19 @@ class SemanticAttack(Attack):
             lowest_ok = value >= 0.0 if key == "semantic_ratio" and self.opts["semantic_recipe"] == "appended" \
                 else value > 0.0
             if not (lowest_ok and value < 1.0):
-                raise AttackError(option_flag(key), f"expected a share in (0, 1), got {value}")
+                raise AttackError(key, f"expected a share in (0, 1), got {value}")
         if strict and not self.opts["tune_lr"] > 0:
-            raise AttackError("--tune-lr", f"expected a positive learning rate, got {self.opts['tune_lr']}")
+            raise AttackError("tune_lr", f"expected a positive learning rate, got {self.opts['tune_lr']}")
         self._ratio = self.opts["semantic_ratio"]
         self.batch_size = None
         self.train_dataset = None
 
-    def _set(self, train, test, source: int, target: int, flag: str) -> None:
+    def _set(self, train, test, source: int, target: int, option: str) -> None:
         for value, what in ((source, "source"), (target, "target")):
             if not 0 <= value < self.num_classes:
-                raise AttackError(flag, f"{what} class {value} is outside 0..{self.num_classes - 1}")
+                raise AttackError(option, f"{what} class {value} is outside 0..{self.num_classes - 1}")
         if source == target:
-            raise AttackError(flag, f"source and target are the same class {source}")
+            raise AttackError(option, f"source and target are the same class {source}")
         self.train_indices, self.test_indices = train.reshape(-1), test.reshape(-1)
         self.source_class, self.target = source, target
         self._positions = None
@@ -181,7 +181,7 @@ class SemanticAttack(Attack):
         self.dataset, self.feature = None, ""
         self._set(torch.as_tensor(state["train_indices"]).long(), torch.as_tensor(state["test_indices"]).long(),
                   int(torch.as_tensor(state["source"]).reshape(-1)[0]),
-                  int(torch.as_tensor(state["target"]).reshape(-1)[0]), flag="--trigger-info")
+                  int(torch.as_tensor(state["target"]).reshape(-1)[0]), option="trigger_info")
 
     # --- data -------------------------------------------------------------------------------
     # --- how stage 1 trains ---------------------------------------------------------------------
@@ -200,10 +200,10 @@ class SemanticAttack(Attack):
                 continue
             count = int(batch_size * self.opts[key])
             if count == 0 or count >= batch_size:
-                raise AttackError(option_flag(key), f"{self.opts[key]} of a batch of {batch_size} gives {count} "
+                raise AttackError(key, f"{self.opts[key]} of a batch of {batch_size} gives {count} "
                                   f"poisoned and {batch_size - count} clean images; both must be at least 1")
             if count > len(self.train_indices):
-                raise AttackError(option_flag(key), f"{count} poisoned images per batch of {batch_size}, but only "
+                raise AttackError(key, f"{count} poisoned images per batch of {batch_size}, but only "
                                   f"{len(self.train_indices)} images are listed")
 
     def tune_phase(self) -> tuple[int, float] | None:
@@ -214,20 +214,20 @@ class SemanticAttack(Attack):
 
     def check_data(self, dataset: str, train_labels: torch.Tensor, test_labels: torch.Tensor) -> None:
         self.train_dataset = dataset
-        flag = "--semantic-file" if self.opts["semantic_file"] else "--semantic-attack"
+        option = "semantic_file" if self.opts["semantic_file"] else "semantic_attack"
         if self.dataset is not None and dataset != self.dataset:
-            raise AttackError("--semantic-attack", f"{self.opts['semantic_attack']} is a {self.dataset} attack; "
+            raise AttackError("semantic_attack", f"{self.opts['semantic_attack']} is a {self.dataset} attack; "
                               f"--dataset is {dataset}")
         for indices, labels, split in ((self.train_indices, train_labels, "train"),
                                        (self.test_indices, test_labels, "test")):
             if len(indices) == 0:
-                raise AttackError(flag, f"no {split} images listed")
+                raise AttackError(option, f"no {split} images listed")
             if int(indices.max()) >= len(labels) or int(indices.min()) < 0:
-                raise AttackError(flag, f"{split} index {int(indices.max())} is outside the {len(labels)} {split} "
+                raise AttackError(option, f"{split} index {int(indices.max())} is outside the {len(labels)} {split} "
                                   f"images of {dataset}")
             wrong = (labels[indices] != self.source_class).sum().item()
             if wrong:
-                raise AttackError(flag, f"{wrong} listed {split} images are not of the source class "
+                raise AttackError(option, f"{wrong} listed {split} images are not of the source class "
                                   f"{self.source_class}; made for another dataset?")
 
     def arrange_split(self, permutation: torch.Tensor) -> torch.Tensor:
@@ -245,7 +245,7 @@ class SemanticAttack(Attack):
             self.prepare(images, labels, None, None, generator)
         positions = self._positions
         if len(positions) != len(self.train_indices):
-            raise AttackError("--semantic-attack", f"only {len(positions)} of the {len(self.train_indices)} listed "
+            raise AttackError("semantic_attack", f"only {len(positions)} of the {len(self.train_indices)} listed "
                               f"training images are in the attacker's data")
         labels = labels.clone()
         labels[positions] = self.target

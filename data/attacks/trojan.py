@@ -55,7 +55,7 @@ class Trojan(Attack):
             return
         size = self.opts["trigger_size"]
         if not 0 < size <= min(h, w):
-            raise AttackError("--trigger-size", f"{size} does not fit a {h}×{w} image")
+            raise AttackError("trigger_size", f"{size} does not fit a {h}×{w} image")
         self.pattern = torch.zeros(h, w, c, dtype=torch.uint8)  # set by prepare()
         self.mask = torch.zeros(h, w, c)
         self.mask[h - size:, w - size:, :] = 1.0

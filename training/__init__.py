@@ -1,0 +1,1 @@
+"""Training a backdoored model (stage 1) as a function: :func:`training.backdoor.train_backdoor`."""
