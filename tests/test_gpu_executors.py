@@ -33,13 +33,13 @@ def fake_stage(tmp_path, monkeypatch):
     from experiments.cells import Cell
     from utils.cli import RunSettings
 
+    # registered into a copy of the registry, loaded before BACKDOOR_DEFENSES names the fake: no other test sees it
+    registry.list_defenses()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setenv("BACKDOOR_DEFENSES", "fake_defense")
     monkeypatch.syspath_prepend(TESTS)
     # the workers get this process's sys.path through spawn; PYTHONPATH too, for any that start afresh
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p))
-    # registered into a copy of the (loaded) registry, so that no other test sees the fake defense
-    registry.list_defenses()
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.delitem(sys.modules, "fake_defense", raising=False)
     assert registry.get_defense("fake").name == "fake"
 
