@@ -700,13 +700,13 @@ def test_grid_end_to_end_local(tiny_cifar, tmp_path, capsys):
 @pytest.mark.slow
 def test_grid_end_to_end_through_submitit_local(tiny_cifar, tmp_path, capsys):
     pytest.importorskip("submitit")
-    path = write_config(tmp_path / "g.yaml", data_dir=tiny_cifar, rules=["fixed"],
+    path = write_config(tmp_path / "g.yaml", data_dir=tiny_cifar, rules=["fixed"], attacks={"badnets": {}},
                         slurm={"cluster": "local", "time_min": 20})
     config = load_config(path)
     assert reproduce.main(reproduce.parse_args(["--config", path, "--executor", "slurm"])) == 0
     out = capsys.readouterr().out
-    # per model: the model, ANP's and RNP's masks and their one rule
-    assert "on submitit (local)" in out and "summary: 20 cells, 0 already done, 20 ran, 0 failed" in out
+    # per model (one attack, two seeds): the model, ANP's and RNP's masks and their one rule
+    assert "on submitit (local)" in out and "summary: 10 cells, 0 already done, 10 ran, 0 failed" in out
     assert os.path.isdir(os.path.join(config.output_dir, "submitit"))
     m = _cell_metrics(config.output_dir, "badnets/seed0/rnp/dseed0/fixed")
     assert "defenses rnp " in m["command"] and m["operating_point"]["rule"] == "fixed"
@@ -718,7 +718,7 @@ def test_grid_end_to_end_through_submitit_local(tiny_cifar, tmp_path, capsys):
         os.remove(os.path.join(config.output_dir, cell, "metrics.json"))
     assert reproduce.main(reproduce.parse_args(["--config", path, "--jobs", "2"])) == 0
     out = capsys.readouterr().out
-    assert "20 cells: 18 already done, 2 to run on 2 local processes" in out and "[2/2] done" in out
+    assert "10 cells: 8 already done, 2 to run on 2 local processes" in out and "[2/2] done" in out
 
 
 def test_soda_joins_a_grid_as_one_cell_per_model(tmp_path):
