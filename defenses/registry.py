@@ -120,7 +120,3 @@ def check_steps(name: str, steps) -> tuple[str, ...] | None:
     if unknown:
         raise OptionError("steps", f"{name} has no step {unknown[0]!r} (its steps: {', '.join(known)})")
     return tuple(s for s in known if s in steps)
-
-
-def run_defense(name: str, config, inputs: DefenseInputs) -> dict:
-    return get_defense(name).run(config, inputs)

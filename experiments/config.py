@@ -148,7 +148,7 @@ def load_config(path: str, overrides: dict | None = None, train_overrides: dict 
     config.train.update(given)
     for entry in config.attacks:
         entry.options.update({k: v for k, v in given.items() if k in entry.options})
-        entry.config = training_config(config, entry)
+        attack_config(config, entry)
     for entry in config.defenses:
         defense_config(config, entry)
     return config
@@ -161,9 +161,10 @@ def _refuse_grid_keys(path: str, where: str, options: dict) -> None:
                               "data_dir/arch/width/device keys at the top level), not per entry")
 
 
-def training_config(config: GridConfig, entry: Entry):
-    """Stage 1 of one attack: ``(TrainConfig, attack keys)`` from ``train:`` and the attack's entry; each key is
-    a stage-1 option, ``poison_target``/``target_type``, or an option of the attack (checked by its type)."""
+def attack_config(config: GridConfig, entry: Entry) -> None:
+    """Stage 1 of one attack entry: its ``config`` (TrainConfig) and ``attack_options`` from ``train:`` and the
+    entry; each key is a stage-1 option, ``poison_target``/``target_type``, or an option of the attack (checked
+    by its type), named where it is written."""
     train_names, attack_options = key_names(TrainConfig), all_options()
     train, attack, origin = {}, {}, {}
     for where, options in (("train", config.train), (f"attacks.{entry.label}", entry.options)):
@@ -196,12 +197,7 @@ def training_config(config: GridConfig, entry: Entry):
             except UserError as err:
                 raise ConfigError(config.path, f"{origin[name]}.{name}", str(err).split(": ", 1)[-1]) \
                     from None
-    try:
-        train_config = from_mapping(TrainConfig, train, "train")
-    except UserError as err:
-        raise ConfigError(config.path, "", str(err)) from None
-    entry.attack_options = attack
-    return train_config
+    entry.config, entry.attack_options = from_mapping(TrainConfig, train, "train"), attack  # sections checked above
 
 
 def defense_config(config: GridConfig, entry: Entry) -> None:

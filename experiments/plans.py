@@ -29,8 +29,7 @@ def model_files(model: Cell) -> tuple[str, str]:
 
 
 def settings(config: GridConfig, seed: int) -> dict:
-    common = {k: v for k, v in config.common.items() if k in ("dataset", "data_dir", "arch", "width", "device")}
-    return as_dict(RunSettings(**common, seed=seed, progress=False))
+    return as_dict(RunSettings(**config.common, seed=seed, progress=False))
 
 
 def model_cell(config: GridConfig, attack, seed: int) -> Cell:
